@@ -133,13 +133,18 @@ def index_points(points, idx):
 # The encoder
 
 class PatchEmbed(nn.Module):
-    """FPS + ball query + shared PointNet: (B, N, 3), (B, N, C) -> centres (B, S, 3), features (B, S, sa_dim)."""
+    """FPS + ball query + shared PointNet: (B, N, 3), (B, N, C) -> centres (B, S, 3), features (B, S, sa_dim).
+
+    The release's PointNet is three 1x1 Conv2d + BatchNorm2d on (B, C, k, S); a 1x1 conv is a Linear applied to
+    every grouped point, so we run Linear + BatchNorm1d on channels-last (B * S * k, C) rows: the same function
+    and statistics, several times faster on CPU (one GEMM instead of a convolution kernel over tiny images).
+    Loading release weights only reshapes the conv kernels (out, in, 1, 1) -> (out, in)."""
 
     def __init__(self, cfg):
         super().__init__()
         widths = [3 + cfg.in_dim, 64, 64, cfg.sa_dim]
-        self.convs = nn.ModuleList(nn.Conv2d(a, b, 1) for a, b in zip(widths[:-1], widths[1:]))
-        self.norms = nn.ModuleList(nn.BatchNorm2d(b) for b in widths[1:])
+        self.convs = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:]))
+        self.norms = nn.ModuleList(nn.BatchNorm1d(b) for b in widths[1:])
         self.num_patches, self.radius, self.k = cfg.num_patches, cfg.radius, cfg.k
         self.random_start = False  # the reference starts FPS at a random point; we start at 0 (see README)
 
@@ -152,11 +157,12 @@ class PatchEmbed(nn.Module):
             nbr = ball_query(xyz, centres, self.radius, self.k)                    # (B, S, k)
             local = index_points(xyz, nbr) - centres.unsqueeze(2)                  # (B, S, k, 3)
             x = torch.cat([local, index_points(feats.float(), nbr)], -1)           # (B, S, k, 3 + C)
-        x = x.permute(0, 3, 2, 1)                                                  # (B, 3 + C, k, S) as the reference
-        for conv, norm in zip(self.convs, self.norms):
+        B, S, k, _ = x.shape
+        x = x.view(B * S * k, -1)
+        for linear, norm in zip(self.convs, self.norms):
             # in-place ReLU: BatchNorm's backward needs its input, not its output, so this saves one tensor
-            x = F.relu(norm(conv(x)), inplace=True)
-        return centres, x.amax(dim=2).transpose(1, 2)                              # (B, S, 3), (B, S, sa_dim)
+            x = F.relu(norm(linear(x)), inplace=True)                              # (B * S * k, width)
+        return centres, x.view(B, S, k, -1).max(dim=2).values                      # (B, S, 3), (B, S, sa_dim)
 
 
 class Attention(nn.Module):
@@ -306,6 +312,10 @@ def release_state_dict(ckpt, depth, where="checkpoint"):
     if not dual:
         table["proj."] = "proj."  # OpenShape's single projection head
     state = _rename(_strip_module(ckpt["state_dict"], where + "[state_dict]"), table, where + "[state_dict]")
+    for i in range(3):  # 1x1 Conv2d kernels (out, in, 1, 1) -> our Linear (out, in)
+        key = f"encoder.patch_embed.convs.{i}.weight"
+        if key in state and state[key].dim() == 4:
+            state[key] = state[key].flatten(1)
     if dual:
         for part, ours in (("image_alignment_adapter", "adapters.image."), ("text_alignment_adapter", "adapters.text.")):
             sub = _strip_module(ckpt.get(part), f"{where}[{part}]")
