@@ -148,10 +148,11 @@ def contrastive_loss(anchors, targets, logit_scale, mask=None, chunk_size=None):
     (e.g. no text) — such samples are dropped from that target's rows *and* negatives, as OpenShape does.
     Returns LossOutput. Equal to the plain loop `sum_p (CE(L_p) + CE(L_p.T)) / 2` over the valid samples."""
     P, b, _ = anchors.shape
-    a = F.normalize(anchors.float(), dim=-1)
-    t = F.normalize(targets.float(), dim=-1)
+    dtype = torch.promote_types(anchors.dtype, torch.float32)  # bf16/fp16 features: the loss runs in fp32
+    a = F.normalize(anchors.to(dtype), dim=-1)
+    t = F.normalize(targets.to(dtype), dim=-1)
     ok = torch.ones(P, b, dtype=torch.bool, device=a.device) if mask is None else mask.to(a.device, torch.bool)
-    s = logit_scale.float().reshape(())
+    s = logit_scale.to(dtype).reshape(())
     rank, world = world_info()
     if world > 1:
         a_all, t_all = _GatherWithGrad.apply(torch.stack([a, t]), 2)             # (P, world * B, D) each

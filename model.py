@@ -149,14 +149,13 @@ class PatchEmbed(nn.Module):
         self.random_start = False  # the reference starts FPS at a random point; we start at 0 (see README)
 
     def forward(self, xyz, feats):
-        # Grouping is index bookkeeping: keep it in fp32 even under bf16 autocast (matmul would drop to bf16).
+        # Grouping is index bookkeeping on the fp32 input: autocast off, or its matmul would drop to bf16.
         with torch.autocast(xyz.device.type, enabled=False):
-            xyz = xyz.float()
             centre_idx = farthest_point_sample(xyz, self.num_patches, self.random_start and self.training)
             centres = index_points(xyz, centre_idx)                                # (B, S, 3)
             nbr = ball_query(xyz, centres, self.radius, self.k)                    # (B, S, k)
             local = index_points(xyz, nbr) - centres.unsqueeze(2)                  # (B, S, k, 3)
-            x = torch.cat([local, index_points(feats.float(), nbr)], -1)           # (B, S, k, 3 + C)
+            x = torch.cat([local, index_points(feats, nbr)], -1)                              # (B, S, k, 3 + C)
         B, S, k, _ = x.shape
         x = x.view(B * S * k, -1)
         for linear, norm in zip(self.convs, self.norms):

@@ -183,13 +183,16 @@ def main(argv=None):
             targets = torch.cat([image, text.unsqueeze(0)])                              # (V + 1, B, D)
             mask = batch["valid"].to(env.device).repeat(targets.shape[0], 1)              # (V + 1, B)
             mask[-1] &= batch["has_text"].to(env.device)
+            buffers = [b.clone() for b in model.buffers()]  # BatchNorm statistics, restored if the step is bad
             with autocast(env.device, args.precision):
                 out = train_model(points)
             anchors = torch.stack([out["image"]] * image.shape[0] + [out["text"]])       # (V + 1, B, D)
             res = contrastive_loss(anchors, targets, model.scale(), mask, args.loss_chunk)
             if not torch.isfinite(res.per_target.sum()):  # same decision on every rank (all-reduced)
                 nonfinite += 1
-                optimizer.zero_grad(set_to_none=True)
+                with torch.no_grad():
+                    for b, saved in zip(model.buffers(), buffers):
+                        b.copy_(saved)
                 log({"step": step, "event": "non-finite loss, step skipped", "consecutive": nonfinite})
                 if nonfinite >= args.max_nonfinite:
                     raise SystemExit(f"stopping: {nonfinite} consecutive non-finite losses; "

@@ -1,0 +1,243 @@
+"""Issue 6: exact resume after SIGKILL, atomic checkpoints, DDP == one process, distributed evaluation,
+bad input at the command line, non-finite losses, weights_only loading. CPU + gloo only."""
+import glob
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import evaluate
+import train_stage1
+import train_stage2
+from conftest import TINY_TRAIN
+from loss import LossOutput
+from test_data import break_shape
+from utils import run_cli
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}  # same threads => same float sums
+
+
+def python(*args, timeout=300):
+    return subprocess.run([sys.executable, *args], cwd=REPO, env=ENV, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def torchrun(*args, timeout=300):
+    return python("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args, timeout=timeout)
+
+
+# ---- 1. exact resume ---------------------------------------------------------------------------------------
+
+def test_sigkill_mid_epoch_then_resume_gives_bitwise_identical_weights(tiny_world, tmp_path):
+    """Bitwise (torch.equal), not a tolerance: on CPU every op here is deterministic for a fixed thread count,
+    the data order and augmentation are functions of (seed, epoch, index), and the checkpoint carries the RNG
+    state, so a resumed run replays exactly the same arithmetic."""
+    args = ["train_stage2.py", "--data", str(tiny_world), "--no-cia", *TINY_TRAIN, "--epochs", "4",
+            "--save-every", "2", "--val", "none"]
+    whole = python(*args, "--out", str(tmp_path / "whole"))
+    assert whole.returncode == 0, whole.stderr[-2000:]
+
+    out = tmp_path / "killed"
+    latest = out / "stage2" / "latest.pt"
+    proc = subprocess.Popen([sys.executable, *args, "--out", str(out)], cwd=REPO, env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    killed_at = None
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if latest.exists():
+            ckpt = torch.load(latest, weights_only=True)  # safe to read at any moment: writes are atomic
+            if ckpt["epoch"] >= 1 and ckpt["batch_in_epoch"] > 0:
+                proc.send_signal(signal.SIGKILL)
+                killed_at = ckpt["step"]
+                break
+        time.sleep(0.02)
+    assert proc.wait() == -signal.SIGKILL and killed_at is not None, "the run ended before it could be killed"
+    assert torch.load(latest, weights_only=True)["step"] < 24
+
+    resumed = python(*args, "--out", str(out))  # no --resume: finds OUT/stage2/latest.pt by itself
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed from" in resumed.stdout
+    a = torch.load(tmp_path / "whole" / "stage2" / "latest.pt", weights_only=True)
+    b = torch.load(latest, weights_only=True)
+    assert a["step"] == b["step"] == 24
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert all(torch.equal(x, y) for x, y in zip(a["optimizer"]["state"][0].values(), b["optimizer"]["state"][0].values()))
+
+
+# ---- 2. atomic checkpoints ---------------------------------------------------------------------------------
+
+def test_kill_during_checkpoint_write_leaves_previous_latest_loadable(tmp_path):
+    writer = (f"import sys, torch; sys.path.insert(0, {REPO!r}); from utils import atomic_save\n"
+              "for step in range(1, 1000):\n"
+              f"    atomic_save({{'step': step, 'w': torch.full((40_000_000,), float(step))}}, {str(tmp_path / 'latest.pt')!r})\n")
+    proc = subprocess.Popen([sys.executable, "-c", writer], env=ENV)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        temps = glob.glob(str(tmp_path / ".tmp-*"))
+        if (tmp_path / "latest.pt").exists() and temps and os.path.getsize(temps[0]) > 1_000_000:
+            proc.send_signal(signal.SIGKILL)  # mid-write: the temp file exists and is partly written
+            break
+        time.sleep(0.005)
+    assert proc.wait() == -signal.SIGKILL
+    assert glob.glob(str(tmp_path / ".tmp-*")), "the kill should have interrupted a write"
+    ckpt = torch.load(tmp_path / "latest.pt", weights_only=True)
+    assert ckpt["step"] >= 1 and torch.all(ckpt["w"] == ckpt["step"])  # complete, and one consistent version
+
+
+# ---- 3. distributed equivalence ----------------------------------------------------------------------------
+
+def test_two_process_step_equals_one_process_on_the_concatenated_batch(tmp_path):
+    assert python("tests/ddp_step.py", str(tmp_path)).returncode == 0
+    proc = torchrun("tests/ddp_step.py", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    one, two = torch.load(tmp_path / "world1.pt"), torch.load(tmp_path / "world2.pt")
+    assert abs(one["loss"] - two["loss"]) < 1e-10
+    assert torch.allclose(one["accuracy"], two["accuracy"])
+    for k in one["grads"]:
+        assert torch.allclose(one["grads"][k], two["grads"][k], atol=1e-10, rtol=1e-8), k
+    for k in one["state"]:  # updated weights and the SyncBatchNorm running statistics
+        assert torch.allclose(one["state"][k].double(), two["state"][k].double(), atol=1e-10, rtol=1e-8), k
+    assert not torch.equal(one["state"]["encoder.patch_embed.norms.0.running_mean"], torch.zeros(64))
+
+
+# ---- 4. distributed evaluation -----------------------------------------------------------------------------
+
+def test_evaluation_under_torchrun_counts_every_sample_once(world_copy, tmp_path):
+    from model import CONFIGS, TAMM
+    mn = os.path.join(world_copy, "meta_data", "modelnet40")  # drop one shape: 35 over 2 ranks
+    split = json.load(open(os.path.join(mn, "test_split.json")))
+    json.dump(split[:-1], open(os.path.join(mn, "test_split.json"), "w"))
+    np.save(os.path.join(mn, "test_pc.npy"), np.load(os.path.join(mn, "test_pc.npy"), allow_pickle=True)[:-1])
+    torch.manual_seed(0)
+    m = TAMM(CONFIGS["tiny"]).eval()
+    ckpt = tmp_path / "tiny.pt"
+    torch.save({"model": m.state_dict(), "config": m.config()}, ckpt)
+    common = ["--ckpt", str(ckpt), "--data", str(world_copy), "--tasks", "zero-shot", "--num-points", "256",
+              "--batch-size", "5", "--workers", "0", "--benchmarks", "modelnet40", "lvis"]
+    one = python("evaluate.py", *common, "--out", str(tmp_path / "one"))
+    two = torchrun("evaluate.py", *common, "--out", str(tmp_path / "two"))
+    assert one.returncode == 0 and two.returncode == 0, two.stderr[-2000:]
+    r1 = json.load(open(tmp_path / "one" / "eval_tiny.json"))
+    r2 = json.load(open(tmp_path / "two" / "eval_tiny.json"))
+    sizes = {name: r1["zero_shot"][name]["num_samples"] for name in ("modelnet40", "lvis")}
+    assert sizes["modelnet40"] == 35, sizes  # does not split evenly over 2 ranks
+    assert r1["zero_shot"] == r2["zero_shot"]
+
+
+# ---- 5. bad input at the command line ----------------------------------------------------------------------
+
+def cli(main, argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(main, argv)
+    err = capsys.readouterr().err.strip()
+    return exit_info.value.code, err
+
+
+@pytest.fixture
+def world_copy(tiny_world, tmp_path):
+    return shutil.copytree(tiny_world, tmp_path / "world")
+
+
+def shape_paths(root):
+    return sorted(glob.glob(os.path.join(root, "*", "*", "*.npy")))
+
+
+@pytest.mark.parametrize("how", ["truncated", "not_a_dict", "no_xyz", "nan", "image_width"])
+def test_broken_shape_stops_a_strict_run_and_is_skipped_otherwise(world_copy, tmp_path, capsys, how):
+    victim = shape_paths(world_copy)[5]
+    break_shape(victim, how)
+    args = ["--data", str(world_copy), "--no-cia", *TINY_TRAIN, "--epochs", "1", "--val", "none"]
+    code, err = cli(train_stage2.main, [*args, "--out", str(tmp_path / "strict"), "--strict"], capsys)
+    assert code == 2 and os.path.basename(victim) in err and "\n" not in err and "Traceback" not in err
+    with pytest.warns(UserWarning, match=os.path.basename(victim)):
+        run_dir = train_stage2.main([*args, "--out", str(tmp_path / "lenient")])
+    log = [json.loads(line) for line in open(os.path.join(run_dir, "log.jsonl"))]
+    assert log[-1]["skipped_shapes"] == 1 and log[-1]["step"] == 6
+
+
+def test_bad_inputs_exit_2_with_one_line_and_overwrite_nothing(tiny_world, world_copy, tmp_path, capsys):
+    from model import CONFIGS, TAMM
+    from test_model import release_checkpoint
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    no_meta = shutil.copytree(tiny_world, tmp_path / "no_meta")
+    os.remove(os.path.join(no_meta, "meta_data", "modelnet40", "cat_name_pt_feat.npy"))
+    good = tmp_path / "good.pt"
+    torch.save({"model": TAMM(CONFIGS["tiny"]).state_dict(), "config": TAMM(CONFIGS["tiny"]).config()}, good)
+    release_tiny = tmp_path / "release_tiny.pt"
+    torch.save(release_checkpoint(CONFIGS["tiny"]), release_tiny)
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(good.read_bytes()[:5000])
+    bad_ply = tmp_path / "bad.ply"
+    bad_ply.write_text("ply\nformat ascii 1.0\nelement vertex two\nend_header\n0 0 0\n")
+    cloud = tmp_path / "cloud.npy"
+    np.save(cloud, np.random.rand(300, 3).astype(np.float32))
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "eval_good.json").write_text("previous results")
+    ev = ["--tasks", "zero-shot", "--num-points", "256", "--workers", "0"]
+    cases = [
+        (train_stage2.main, ["--data", str(tmp_path / "nowhere"), "--no-cia"], "nowhere"),
+        (train_stage1.main, ["--data", str(empty)], "split"),
+        (evaluate.main, ["--ckpt", str(good), "--data", str(no_meta), *ev], "cat_name_pt_feat.npy"),
+        (evaluate.main, ["--ckpt", str(release_tiny), "--scaling", "4", "--data", str(tiny_world), *ev], "release_tiny.pt"),
+        (evaluate.main, ["--ckpt", str(corrupt), "--data", str(tiny_world), *ev], "corrupt.pt"),
+        (evaluate.main, ["--ckpt", str(good), "--pc", str(bad_ply), "--dump-features", str(tmp_path / "f.npz")], "bad.ply"),
+        (evaluate.main, ["--ckpt", str(good), "--pc", str(cloud), "--labels", " , "], "labels"),
+        (evaluate.main, ["--ckpt", str(good), "--data", str(tiny_world), "--out", "/sys/kernel/tamm-eval", *ev], "tamm-eval"),
+        (train_stage2.main, ["--data", str(world_copy), "--no-cia", "--out", "/sys/kernel/tamm-train"], "tamm-train"),
+        (evaluate.main, ["--ckpt", str(corrupt), "--data", str(tiny_world), "--out", str(results), *ev], "corrupt.pt"),
+    ]
+    for main, argv, needle in cases:
+        code, err = cli(main, argv, capsys)
+        assert code == 2, (argv, err)
+        assert needle in err and err.count("\n") == 0 and "Traceback" not in err, (argv, err)
+    assert (results / "eval_good.json").read_text() == "previous results"
+    assert os.listdir(results) == ["eval_good.json"]
+
+
+# ---- 6. non-finite loss ------------------------------------------------------------------------------------
+
+def test_nonfinite_losses_are_skipped_then_stop_the_run_with_the_last_good_checkpoint(tiny_world, tmp_path,
+                                                                                      monkeypatch):
+    real, calls = train_stage2.contrastive_loss, []
+
+    def poisoned(*a, **kw):
+        res = real(*a, **kw)
+        calls.append(1)
+        if len(calls) in (2,) or len(calls) >= 4:  # one isolated bad step, then a run of them
+            nan = torch.tensor(float("nan"))
+            return LossOutput(res.loss * nan, res.per_target * nan, res.accuracy)
+        return res
+
+    monkeypatch.setattr(train_stage2, "contrastive_loss", poisoned)
+    with pytest.raises(SystemExit, match="3 consecutive non-finite"):
+        train_stage2.main(["--data", str(tiny_world), "--out", str(tmp_path), "--no-cia", *TINY_TRAIN,
+                           "--save-every", "1", "--max-nonfinite", "3", "--val", "none"])
+    run_dir = tmp_path / "stage2"
+    log = [json.loads(line) for line in open(run_dir / "log.jsonl")]
+    events = [r for r in log if "event" in r]
+    assert len(events) == 4 and [r["consecutive"] for r in events] == [1, 1, 2, 3]
+    assert [r["step"] for r in log if "loss" in r] == [1, 2]  # the poisoned steps did not count
+    ckpt = torch.load(run_dir / "latest.pt", weights_only=True)
+    assert ckpt["step"] == 2 and all(torch.isfinite(v.float()).all() for v in ckpt["model"].values())
+
+
+# ---- 7. security -------------------------------------------------------------------------------------------
+
+def test_every_torch_load_of_a_checkpoint_is_weights_only():
+    sources = [p for p in glob.glob(os.path.join(REPO, "*.py"))]
+    calls = [(p, m.group(0)) for p in sources for m in re.finditer(r"torch\.load\([^)]*\)", open(p).read())]
+    assert calls, "expected at least one checkpoint load"
+    assert all("weights_only=True" in c for _, c in calls), [c for c in calls if "weights_only=True" not in c[1]]
+    readme = open(os.path.join(REPO, "README.md")).read()
+    assert "pickle" in readme and "trusted" in readme
