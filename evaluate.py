@@ -42,7 +42,7 @@ from tqdm import tqdm
 
 import data
 from adapters import zero_shot_scores
-from model import load_pretrained
+from model import load_checkpoint_file, load_pretrained
 from utils import BadInput, check_writable, cleanup_distributed, run_cli, setup_distributed, world_info
 
 # ---- defaults ----------------------------------------------------------------------------------------------
@@ -592,7 +592,8 @@ def parse_args(argv):
     p.add_argument("--benchmarks", nargs="+", default=list(BENCHMARKS), help="benchmarks to look for under --data")
     p.add_argument("--tasks", nargs="+", choices=["zero-shot", "few-shot"], default=["zero-shot", "few-shot"])
     p.add_argument("--alpha", type=float, default=ALPHA, help="image-branch weight in the fused score")
-    p.add_argument("--num-points", type=int, default=NUM_POINTS, help="first N points per shape (fewer: resampled)")
+    p.add_argument("--num-points", type=int, help="first N points per shape (fewer: resampled); default: the "
+                   f"checkpoint's training value, {NUM_POINTS} for released checkpoints")
     p.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="per rank")
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="data-loader processes per rank")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -622,7 +623,7 @@ def parse_args(argv):
         parts = setting.split("x")
         if len(parts) != 2 or not all(v.isdigit() and int(v) > 0 for v in parts):
             raise BadInput(f"--episodes {setting}: expected N-way x K-shot such as 5x10")
-    if args.num_points < 1 or args.batch_size < 1 or args.n_query < 1 or args.trials < 1:
+    if (args.num_points is not None and args.num_points < 1) or args.batch_size < 1 or args.n_query < 1 or args.trials < 1:
         raise BadInput("--num-points, --batch-size, --n-query and --trials must be positive")
     return args
 
@@ -649,7 +650,11 @@ def main(argv=None):
         check_writable(out_dir)
     info = setup_distributed(args.device)
     try:
-        model = load_pretrained(resolve_checkpoint(args.ckpt), scaling=args.scaling).to(info.device)
+        path = resolve_checkpoint(args.ckpt)
+        ckpt = load_checkpoint_file(path)
+        model = load_pretrained(ckpt, scaling=args.scaling, where=path).to(info.device)
+        if args.num_points is None:  # our checkpoints know the training point count; the release used 10,000
+            args.num_points = (ckpt.get("args") or {}).get("num_points") or NUM_POINTS
         if args.pc:
             return run_point_clouds(args, model, clouds, labels, info.device, info.is_main)
         results = run_benchmarks(args, model, info.device, info)

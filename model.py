@@ -326,12 +326,12 @@ def release_state_dict(ckpt, depth, where="checkpoint"):
     return state, "dual" if dual else "openshape"
 
 
-def load_pretrained(path_or_ckpt, scaling=4, clip_dim=1280):
+def load_pretrained(path_or_ckpt, scaling=4, clip_dim=1280, where=None):
     """Our stage-2 checkpoint, a released TAMM checkpoint, or OpenShape's PointBERT -> TAMM model (eval mode).
 
     Released files carry no config, so their encoder size is `scaling` (4 for every public checkpoint).
     Every tensor must map: a missing or unexpected key, or a shape mismatch, is a BadInput naming it."""
-    where = str(path_or_ckpt) if not isinstance(path_or_ckpt, dict) else "checkpoint"
+    where = where or (str(path_or_ckpt) if not isinstance(path_or_ckpt, dict) else "checkpoint")
     ckpt = path_or_ckpt if isinstance(path_or_ckpt, dict) else load_checkpoint_file(path_or_ckpt)
     if "config" in ckpt and "model" in ckpt:
         model, state = build_from_config(ckpt["config"]), ckpt["model"]
