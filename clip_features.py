@@ -39,9 +39,6 @@ import json
 import os
 import sys
 import tempfile
-import threading
-import urllib.error
-import urllib.request
 
 import numpy as np
 import open_clip
@@ -53,7 +50,7 @@ from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
 from PIL import Image
 from tqdm import tqdm
 
-from utils import BadInput, check_writable, run_cli
+from utils import BadInput, check_writable, hub_reachable, run_cli
 
 # The teacher of OpenShape and TAMM (tamm-facts.md section 1): 1280-d features.
 DEFAULT_MODEL = "ViT-bigG-14"
@@ -134,26 +131,6 @@ PROMPT_TEMPLATES = [
 ]
 
 
-def _hub_reachable(url):
-    """True if the server at `url` answers at all (any HTTP status) within HUB_PROBE_TIMEOUT seconds."""
-    answered = []
-
-    def probe():
-        try:
-            urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=HUB_PROBE_TIMEOUT)
-        except urllib.error.HTTPError:
-            pass  # an error status is still an answer: the network works
-        except (OSError, ValueError):
-            return
-        answered.append(True)
-
-    # A thread bounds the wait: name resolution ignores the socket timeout and can stall for long.
-    thread = threading.Thread(target=probe, daemon=True)
-    thread.start()
-    thread.join(HUB_PROBE_TIMEOUT + 1)
-    return bool(answered)
-
-
 def _tag_weights(model_name, tag, cfg):
     """Local weights file for an open_clip pretrained tag: the Hugging Face cache, else a download."""
     repo, filename = os.path.split(cfg["hf_hub"])
@@ -169,7 +146,7 @@ def _tag_weights(model_name, tag, cfg):
     if hf_constants.is_offline_mode():
         raise BadInput(f"--pretrained {tag}: {model_name} weights are not in the Hugging Face cache and "
                        f"HF_HUB_OFFLINE is set; {how}")
-    if not _hub_reachable(f"{hf_constants.ENDPOINT}/api/models/{repo}"):
+    if not hub_reachable(hf_constants.ENDPOINT, HUB_PROBE_TIMEOUT):
         raise BadInput(f"--pretrained {tag}: cannot reach {hf_constants.ENDPOINT} to download {model_name} "
                        f"weights (no network?); {how}")
     return open_clip.download_pretrained(cfg)

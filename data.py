@@ -47,7 +47,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
-from utils import BadInput, check_writable, run_cli
+from utils import BadInput, check_writable, hub_offline, hub_reachable, run_cli
 
 # ---- defaults: the official stage-2 config (OpenShape train.yaml, TAMM pointbert.yaml) ------------------------
 CLIP_DIM = 1280               # OpenCLIP ViT-bigG-14 feature width (tamm-facts.md 1)
@@ -657,9 +657,12 @@ def unpack(out, archives):
 
 def download(out, parts=tuple(DOWNLOAD_PARTS), do_unpack=False):
     """Fetch parts of the OpenShape release into `out` (resumable: finished files are kept and skipped)."""
-    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub import HfApi, constants, snapshot_download
     check_writable(out)
     patterns = [DOWNLOAD_PARTS[p] for p in parts]
+    if not hub_offline() and not hub_reachable(constants.ENDPOINT):  # fail in seconds, not after retries
+        raise BadInput(f"{HF_DATASET}: cannot download from the Hugging Face Hub (no answer from "
+                       f"{constants.ENDPOINT}); check the network connection")
     try:
         info = HfApi().dataset_info(HF_DATASET, files_metadata=True, timeout=30)
         files = [s for s in info.siblings if any(fnmatch.fnmatch(s.rfilename, p) for p in patterns)]

@@ -29,10 +29,7 @@ the checkpoint (or in --out).
 import argparse
 import json
 import os
-import socket
-import threading
 import time
-from urllib.parse import urlparse
 
 import numpy as np
 import torch
@@ -43,7 +40,9 @@ from tqdm import tqdm
 import data
 from adapters import zero_shot_scores
 from model import load_checkpoint_file, load_pretrained
-from utils import BadInput, check_writable, cleanup_distributed, run_cli, setup_distributed, world_info
+from pointclouds import prepare_points, read_point_cloud
+from utils import (BadInput, check_writable, cleanup_distributed, hub_offline, hub_reachable, run_cli,
+                   setup_distributed, world_info)
 
 # ---- defaults ----------------------------------------------------------------------------------------------
 NUM_POINTS = 10000                 # TAMM evaluates on the first 10,000 points (tamm-facts.md 5)
@@ -57,7 +56,6 @@ OPENSHAPE_SHOTS = (1, 2, 4, 8, 16)  # shapes per class in OpenShape's few-shot f
 PROBE_ON = "modelnet40"            # the benchmark whose shapes are probed, as in the literature
 PROBE_STEPS = 100                  # LBFGS iterations of the linear probe (fixed, so runs are comparable)
 PROBE_L2 = 1e-3                    # L2 on the probe weights: keeps separable few-shot problems well posed
-GREY = data.GREY                   # rgb of colourless points (OpenShape/TAMM)
 TOP_LABELS = 5                     # labels printed per point-cloud file
 HUB_TIMEOUT = 5.0                  # seconds to wait for the Hub before saying there is no network
 
@@ -72,29 +70,6 @@ NAMED_CHECKPOINTS = {
 
 # ---- checkpoints by name -----------------------------------------------------------------------------------
 
-def _env_true(name):
-    return os.environ.get(name, "").strip().upper() in ("1", "ON", "YES", "TRUE")
-
-
-def hub_reachable(endpoint, timeout=HUB_TIMEOUT):
-    """True if a TCP connection to the Hub's host opens within `timeout` s. The hub client itself retries
-    for about 25 s before giving up, which reads as a hang; a thread bounds slow name resolution too."""
-    url = urlparse(endpoint)
-    port = url.port or (443 if url.scheme == "https" else 80)
-    answered = []
-
-    def probe():
-        try:
-            socket.create_connection((url.hostname, port), timeout=timeout).close()
-            answered.append(True)
-        except OSError:
-            pass
-    thread = threading.Thread(target=probe, daemon=True)
-    thread.start()
-    thread.join(timeout + 1)
-    return bool(answered)
-
-
 def resolve_checkpoint(ckpt):
     """A local path, or one of NAMED_CHECKPOINTS -> the path of the file in the Hugging Face cache."""
     if os.path.exists(ckpt):  # a local file wins over a name
@@ -107,10 +82,10 @@ def resolve_checkpoint(ckpt):
     cached = try_to_load_from_cache(repo, filename)
     if isinstance(cached, str):
         return cached
-    if _env_true("HF_HUB_OFFLINE") or constants.HF_HUB_OFFLINE:
+    if hub_offline() or constants.HF_HUB_OFFLINE:
         raise BadInput(f"--ckpt {ckpt}: {repo}/{filename} is not in the Hugging Face cache and HF_HUB_OFFLINE is "
                        f"set; download it where there is network and pass the file path")
-    if not hub_reachable(constants.ENDPOINT):
+    if not hub_reachable(constants.ENDPOINT, HUB_TIMEOUT):
         raise BadInput(f"--ckpt {ckpt}: cannot reach {constants.ENDPOINT} to download {repo}/{filename} (no "
                        f"network?); download it where there is network and pass the file path")
     try:
@@ -118,146 +93,6 @@ def resolve_checkpoint(ckpt):
     except (HfHubHTTPError, OSError) as e:  # OSError covers the hub's not-found and offline errors
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
         raise BadInput(f"--ckpt {ckpt}: downloading {repo}/{filename} failed ({reason})") from None
-
-
-# ---- your own point clouds ---------------------------------------------------------------------------------
-
-PLY_TYPES = {"char": "i1", "int8": "i1", "uchar": "u1", "uint8": "u1", "short": "i2", "int16": "i2",
-             "ushort": "u2", "uint16": "u2", "int": "i4", "int32": "i4", "uint": "u4", "uint32": "u4",
-             "float": "f4", "float32": "f4", "double": "f8", "float64": "f8"}
-PLY_FORMATS = {"ascii": None, "binary_little_endian": "<", "binary_big_endian": ">"}
-
-
-def _parse_ply_header(path, lines):
-    """PLY header lines -> (format, [(element, count, [(property, type) or (property, "list", ...)])])."""
-    if not lines or lines[0].strip() != "ply":
-        raise BadInput(f"{path}: bad PLY header (the file does not start with 'ply')")
-    fmt, elements = None, []
-    for line in lines[1:]:
-        words = line.split()
-        if not words or words[0] in ("comment", "obj_info"):
-            continue
-        if words[0] == "format" and len(words) == 3 and words[1] in PLY_FORMATS:
-            fmt = words[1]
-        elif words[0] == "element" and len(words) == 3 and words[2].isdigit():
-            elements.append((words[1], int(words[2]), []))
-        elif words[0] == "property" and elements and len(words) == 3 and words[1] in PLY_TYPES:
-            elements[-1][2].append((words[2], PLY_TYPES[words[1]]))
-        elif words[0] == "property" and elements and len(words) == 5 and words[1] == "list":
-            elements[-1][2].append((words[4], "list"))
-        else:
-            raise BadInput(f"{path}: bad PLY header line {line.strip()!r}")
-    if fmt is None:
-        raise BadInput(f"{path}: bad PLY header (no 'format ascii|binary_little_endian|binary_big_endian 1.0')")
-    return fmt, elements
-
-
-def read_ply(path):
-    """(xyz (N, 3), rgb (N, 3) or None) of the `vertex` element; colours from red/green/blue (uchar or float)."""
-    with open(path, "rb") as f:
-        raw = f.read()
-    end = raw.find(b"end_header")
-    newline = raw.find(b"\n", end)
-    if end < 0 or newline < 0:
-        raise BadInput(f"{path}: bad PLY header (no 'end_header' line)")
-    fmt, elements = _parse_ply_header(path, raw[:end].decode("ascii", errors="replace").splitlines())
-    names = [e[0] for e in elements]
-    if "vertex" not in names:
-        raise BadInput(f"{path}: bad PLY header (no 'element vertex')")
-    _, count, props = elements[names.index("vertex")]
-    columns = [p[0] for p in props]
-    if not {"x", "y", "z"} <= set(columns) or any(t == "list" for _, t in props):
-        raise BadInput(f"{path}: bad PLY header (vertex needs float x, y, z properties and no lists)")
-    before = elements[:names.index("vertex")]
-    body = raw[newline + 1:]
-    if fmt == "ascii":
-        rows = [ln for ln in body.decode("ascii", errors="replace").splitlines() if ln.strip()]
-        start = sum(c for _, c, _ in before)
-        try:
-            table = np.array([ln.split() for ln in rows[start:start + count]], dtype=np.float64)
-        except ValueError:
-            raise BadInput(f"{path}: vertex lines are not {len(columns)} numbers each") from None
-        if table.shape != (count, len(columns)):
-            raise BadInput(f"{path}: expected {count} vertex lines of {len(columns)} numbers, found {table.shape}")
-        values = {c: table[:, k] for k, c in enumerate(columns)}
-    else:
-        if any(t == "list" for _, _, ps in before for _, t in ps):
-            raise BadInput(f"{path}: binary PLY with list properties before the vertex element is not supported")
-        endian = PLY_FORMATS[fmt]
-        offset = sum(c * np.dtype([(n, endian + t) for n, t in ps]).itemsize for _, c, ps in before)
-        dtype = np.dtype([(n, endian + t) for n, t in props])
-        if len(body) < offset + count * dtype.itemsize:
-            raise BadInput(f"{path}: truncated PLY ({count} vertices of {dtype.itemsize} bytes announced)")
-        table = np.frombuffer(body, dtype=dtype, count=count, offset=offset)
-        values = {c: table[c] for c in columns}
-    xyz = np.stack([values[c] for c in "xyz"], 1)
-    rgb = None
-    if {"red", "green", "blue"} <= set(columns):
-        rgb = np.stack([values[c] for c in ("red", "green", "blue")], 1).astype(np.float64)
-        if dict(props)["red"] == "u1":  # uchar colours are 0-255 even when every value happens to be <= 1
-            rgb = rgb / 255
-    return xyz, rgb
-
-
-def _split_columns(path, arr):
-    arr = np.asarray(arr)
-    if arr.ndim != 2 or arr.shape[1] not in (3, 6) or not np.issubdtype(arr.dtype, np.number):
-        raise BadInput(f"{path}: expected a numeric N x 3 (xyz) or N x 6 (xyz rgb) array, found {arr.dtype} {arr.shape}")
-    return arr[:, :3], arr[:, 3:] if arr.shape[1] == 6 else None
-
-
-def read_point_cloud(path):
-    """(xyz (N, 3), rgb (N, 3) in [0, 1]) float32 from .npy, .npz, .ply, .xyz or .txt; rgb 0.4 when absent.
-
-    .npy: N x 3 or N x 6 (no pickles). .npz: arrays `xyz` (+ optional `rgb`), else `points`, else the first
-    array, read as .npy. .xyz/.txt: whitespace-separated numbers, 3 or 6 columns ('#' starts a comment; a 6th
-    column is taken as colour, not normals). rgb above 1 is taken to be on 0-255 and divided by 255."""
-    ext = os.path.splitext(path)[1].lower()
-    if not os.path.isfile(path):
-        raise BadInput(f"{path}: point-cloud file not found")
-    try:
-        if ext == ".ply":
-            xyz, rgb = read_ply(path)
-        elif ext == ".npy":
-            xyz, rgb = _split_columns(path, np.load(path, allow_pickle=False))
-        elif ext == ".npz":
-            with np.load(path, allow_pickle=False) as z:
-                if "xyz" in z.files:
-                    xyz, rgb = z["xyz"], z["rgb"] if "rgb" in z.files else None
-                elif z.files:
-                    xyz, rgb = _split_columns(path, z["points" if "points" in z.files else z.files[0]])
-                else:
-                    raise BadInput(f"{path}: the .npz holds no arrays")
-        elif ext in (".xyz", ".txt"):
-            xyz, rgb = _split_columns(path, np.loadtxt(path, ndmin=2, comments="#"))
-        else:
-            raise BadInput(f"{path}: unknown point-cloud format {ext!r} (use .npy, .npz, .ply, .xyz or .txt)")
-    except (ValueError, OSError, EOFError) as e:  # numpy's messages for damaged, pickled or ragged files
-        raise BadInput(f"{path}: cannot read ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
-    xyz = np.asarray(xyz, np.float64)
-    if xyz.ndim != 2 or xyz.shape[1] != 3 or len(xyz) == 0:
-        raise BadInput(f"{path}: xyz has shape {xyz.shape}, expected (N, 3) with N > 0")
-    rgb = np.full_like(xyz, GREY) if rgb is None else np.asarray(rgb, np.float64)
-    if rgb.shape != xyz.shape:
-        raise BadInput(f"{path}: rgb has shape {rgb.shape}, xyz has {xyz.shape}")
-    if not (np.isfinite(xyz).all() and np.isfinite(rgb).all()):
-        raise BadInput(f"{path}: contains NaN or inf")
-    if rgb.max() > 1:
-        rgb = rgb / 255
-    if rgb.min() < 0 or rgb.max() > 1:
-        raise BadInput(f"{path}: rgb must lie in [0, 1] or [0, 255]")
-    return xyz.astype(np.float32), rgb.astype(np.float32)
-
-
-def prepare_points(xyz, rgb, num_points, up="y"):
-    """One cloud -> (num_points, 6) model input, as TAMM's evaluation prepares benchmark shapes.
-
-    The first `num_points` points; a smaller cloud keeps all its points and repeats randomly drawn ones
-    (seeded, so a file always gives the same features). `up` is the file's up axis: data.normalize swaps
-    y/z because the release is y-up, so a z-up file is swapped beforehand and the two swaps cancel."""
-    idx = data.choose_points(len(xyz), num_points, np.random.default_rng(0), first=True)
-    xyz = xyz[idx] if up == "y" else xyz[idx][:, [0, 2, 1]]
-    return torch.from_numpy(np.concatenate([data.normalize(xyz), rgb[idx]], 1).astype(np.float32))
 
 
 def parse_labels(value):
@@ -279,7 +114,7 @@ def parse_labels(value):
 def encode_shard(model, loader, device="cpu", progress=False):
     """This rank's part of an eval loader -> {"backbone", "text", "image", "label", "index"} CPU tensors."""
     parts = {k: [] for k in ("backbone", "text", "image", "label", "index")}
-    for points, labels, index in tqdm(loader, desc="encode", disable=not progress, leave=False):
+    for points, labels, index in tqdm(loader, desc="encode", disable=None if progress else True, leave=False):
         out = model(points.to(device, non_blocking=True))                # 3 x (B, dim or D)
         for k in ("backbone", "text", "image"):
             parts[k].append(out[k].float().cpu())

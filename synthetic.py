@@ -495,7 +495,7 @@ def _write(folder, p, progress):
     """All files of a world into `folder`. Each set has its own seed stream, so sets never share a shape."""
     seed, k, n_cls = p["seed"], p["num_test_per_class"], len(CATEGORIES)
     teacher, meta = Teacher(seed), folder / "meta_data"
-    bar = tqdm(total=p["num_shapes"] + 3 * k * n_cls, desc="synthetic world", unit="shape", disable=not progress)
+    bar = tqdm(total=p["num_shapes"] + 3 * k * n_cls, desc="synthetic world", unit="shape", disable=None if progress else True)
     train, lvis, flags, mean_views = [], [], {}, []
     for i in range(p["num_shapes"]):
         rng, category = np.random.default_rng([seed, 10, i]), CATEGORIES[i % n_cls]

@@ -143,8 +143,9 @@ def main(argv=None):
         full.set_epoch(epoch)
         first = start_batch if epoch == start_epoch else 0
         sampler.skip(first * local_batch)
-        for batch_idx, batch in enumerate(tqdm(loader, total=steps_per_epoch, initial=first, leave=False,
-                                               disable=not env.is_main, desc=f"epoch {epoch}"), start=first):
+        bar = tqdm(loader, total=steps_per_epoch, initial=first, leave=False, desc=f"epoch {epoch}",
+                   disable=None if env.is_main else True)
+        for batch_idx, batch in enumerate(bar, start=first):
             lr = cosine_lr(step, total_steps, warmup, args.lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -159,8 +160,10 @@ def main(argv=None):
             optimizer.zero_grad(set_to_none=True)
             step += 1
             if step % args.log_every == 0 or step == total_steps:
-                log({"step": step, "epoch": epoch, "loss": res.per_target.sum().item(),
-                     "acc": res.accuracy.mean().item(), "lr": lr, "scale": model.logit_scale.exp().item()})
+                record = {"step": step, "epoch": epoch, "loss": res.per_target.sum().item(),
+                          "acc": res.accuracy.mean().item(), "lr": lr, "scale": model.logit_scale.exp().item()}
+                log(record, echo=bar.disable)  # plain lines when there is no bar (not a terminal)
+                bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['acc']:.2f}", lr=f"{lr:.2e}")
             if env.is_main and step % args.save_every == 0 and batch_idx + 1 < steps_per_epoch:
                 save_checkpoint(os.path.join(run_dir, "latest.pt"), model, optimizer, None, step, epoch,
                                 batch_idx + 1, vars(args))

@@ -165,7 +165,7 @@ def main(argv=None):
         dataset.set_epoch(epoch)
         first = start_batch if epoch == start_epoch else 0
         sampler.skip(first * local_batch)
-        bar = tqdm(loader, total=steps_per_epoch, initial=first, disable=not env.is_main, leave=False,
+        bar = tqdm(loader, total=steps_per_epoch, initial=first, disable=None if env.is_main else True, leave=False,
                    desc=f"epoch {epoch}")
         t0, seen = time.time(), 0
         for batch_idx, batch in enumerate(bar, start=first):
@@ -216,7 +216,7 @@ def main(argv=None):
                           "acc_image": res.accuracy[:-1].mean().item(), "acc_text": res.accuracy[-1].item(),
                           "lr": lr, "scale": model.scale().item(), "samples_s": rate,
                           "skipped_shapes": int(all_reduce_mean(torch.tensor(float(skipped_shapes))) * env.world_size)}
-                log(record, echo=False)
+                log(record, echo=bar.disable)  # plain lines when there is no bar (not a terminal)
                 bar.set_postfix(loss=f"{record['loss']:.3f}", img=f"{record['acc_image']:.2f}",
                                 txt=f"{record['acc_text']:.2f}", lr=f"{lr:.2e}", sps=f"{rate:.0f}")
             last_in_epoch = batch_idx + 1 == steps_per_epoch

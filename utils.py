@@ -7,9 +7,12 @@ Every entry point (train_stage1.py, train_stage2.py, evaluate.py, data.py) uses 
  - a checkpoint on disk is either the old one or the new one, never half of each (`atomic_save`).
 """
 import os
+import socket
 import sys
 import tempfile
+import threading
 from dataclasses import dataclass
+from urllib.parse import urlparse
 
 import torch
 import torch.distributed as dist
@@ -102,3 +105,27 @@ def check_writable(folder):
         probe.close()
     except OSError as e:
         raise BadInput(f"{folder}: output folder is not writable ({e.strerror})") from None
+
+
+def hub_offline():
+    """HF_HUB_OFFLINE as the Hugging Face client reads it (checked at call time, not import time)."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+def hub_reachable(endpoint, timeout=5.0):
+    """True if a TCP connection to the Hub's host opens within `timeout` s. Without network the hub client
+    retries for 25-50 s before giving up, which reads as a hang; the thread bounds slow name resolution too."""
+    url = urlparse(endpoint)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    answered = []
+
+    def probe():
+        try:
+            socket.create_connection((url.hostname, port), timeout=timeout).close()
+            answered.append(True)
+        except OSError:
+            pass
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout + 1)
+    return bool(answered)

@@ -723,6 +723,7 @@ def test_download_prints_estimate_fetches_parts_and_unpacks(tmp_path, monkeypatc
         return local_dir
 
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    monkeypatch.setattr(data, "hub_reachable", lambda *a, **k: True)
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot)
     out = tmp_path / "dl"
     data.main(["download", "--out", str(out), "--only", "meta_data", "--unpack"])

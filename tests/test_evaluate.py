@@ -16,6 +16,7 @@ import torch.multiprocessing as mp
 
 import data
 import evaluate
+import pointclouds
 import model
 from test_model import release_checkpoint
 from utils import BadInput, run_cli, setup_distributed
@@ -238,7 +239,7 @@ def write_ply(path, fmt, colour):
 def test_ply_reader(tmp_path, fmt, colour):
     path = str(tmp_path / "cloud.ply")
     write_ply(path, fmt, colour)
-    xyz, rgb = evaluate.read_point_cloud(path)
+    xyz, rgb = pointclouds.read_point_cloud(path)
     np.testing.assert_allclose(xyz, XYZ)
     expected = np.full_like(XYZ, 0.4) if colour is None else RGB8 / 255
     np.testing.assert_allclose(rgb, expected, atol=1e-6)
@@ -258,7 +259,7 @@ def test_array_and_text_readers(tmp_path, name):
         np.savez(path, six)                                            # no known key: the first array
     else:
         np.savetxt(path, XYZ if name.endswith(".xyz") else six, header="x y z r g b")
-    xyz, rgb = evaluate.read_point_cloud(path)
+    xyz, rgb = pointclouds.read_point_cloud(path)
     np.testing.assert_allclose(xyz, XYZ, atol=1e-6)
     colourless = name in ("a.npy", "e.xyz")
     np.testing.assert_allclose(rgb, np.full_like(XYZ, 0.4) if colourless else RGB8 / 255, atol=1e-6)
@@ -267,14 +268,14 @@ def test_array_and_text_readers(tmp_path, name):
 def test_prepare_points_first_n_resample_and_up_axis():
     xyz = np.random.default_rng(0).standard_normal((10, 3)).astype(np.float32)
     rgb = np.full_like(xyz, 0.4)
-    first = evaluate.prepare_points(xyz, rgb, 4, up="z")
+    first = pointclouds.prepare_points(xyz, rgb, 4, up="z")
     assert first.shape == (4, 6)
     np.testing.assert_allclose(first[:, :3].numpy(), data.normalize(xyz[:4][:, [0, 2, 1]]), atol=1e-6)
     # a z-up file reaches the model unswapped (only centred and scaled)
     centred = xyz[:4] - xyz[:4].mean(0)
     np.testing.assert_allclose(first[:, :3].numpy(), centred / np.linalg.norm(centred, axis=1).max(), atol=1e-6)
-    more = evaluate.prepare_points(xyz, rgb, 25, up="y")
-    assert more.shape == (25, 6) and torch.equal(more, evaluate.prepare_points(xyz, rgb, 25, up="y"))
+    more = pointclouds.prepare_points(xyz, rgb, 25, up="y")
+    assert more.shape == (25, 6) and torch.equal(more, pointclouds.prepare_points(xyz, rgb, 25, up="y"))
 
 
 # ---- checkpoints end to end --------------------------------------------------------------------------------------
@@ -321,7 +322,7 @@ def test_own_clouds_dump_features_in_order(world, tmp_path):
     assert list(z["files"]) == files
     m = model.load_pretrained(tamm, scaling="tiny")
     with torch.no_grad():
-        one = m(evaluate.prepare_points(*evaluate.read_point_cloud(files[1]), 128, "y")[None])
+        one = m(pointclouds.prepare_points(*pointclouds.read_point_cloud(files[1]), 128, "y")[None])
     np.testing.assert_allclose(z["text"][1], one["text"][0].numpy(), atol=1e-5)  # unnormalised, file order
 
 
@@ -386,7 +387,7 @@ def test_bad_point_clouds(world, tmp_path, capsys):
     obj = tmp_path / "mesh.obj"
     obj.write_text("v 0 0 0\n")
     with pytest.raises(BadInput, match="mesh.obj: unknown point-cloud format"):
-        evaluate.read_point_cloud(str(obj))
+        pointclouds.read_point_cloud(str(obj))
     nan = tmp_path / "nan.npy"
     np.save(nan, np.full((5, 3), np.nan, np.float32))
     assert "NaN" in bad_input(["--ckpt", tamm, "--pc", str(nan), "--labels", "a"], capsys)
