@@ -61,6 +61,7 @@ class _FusedInfoNCE(torch.autograd.Function):
     Returns (per-target loss (P,), correct (P, b) top-1 of each row)."""
 
     @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda", cast_inputs=torch.float32)  # fp32 even inside a bf16 autocast
     def forward(ctx, q, k, s, row_w, col_w, row_ok, key_ok, offset, both, chunk):
         P, b, _ = q.shape
         N = k.shape[1]
@@ -92,6 +93,7 @@ class _FusedInfoNCE(torch.autograd.Function):
         return loss, correct
 
     @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, grad_loss, _grad_correct):
         q, k, s, row_w, col_w, row_ok, key_ok, lse_r, lse_c, logits = ctx.saved_tensors
         offset, both, chunk, masked, keep = ctx.cfg
@@ -156,13 +158,13 @@ def contrastive_loss(anchors, targets, logit_scale, mask=None, chunk_size=None):
     rank, world = world_info()
     if world > 1:
         a_all, t_all = _GatherWithGrad.apply(torch.stack([a, t]), 2)             # (P, world * B, D) each
-        ok_parts = [torch.empty_like(ok) for _ in range(world)]
-        dist.all_gather(ok_parts, ok)
-        ok_all = torch.cat(ok_parts, 1)
+        ok_parts = [torch.empty_like(ok, dtype=torch.uint8) for _ in range(world)]
+        dist.all_gather(ok_parts, ok.to(torch.uint8))  # uint8: every backend has it, not every one has bool
+        ok_all = torch.cat(ok_parts, 1).bool()
     else:
         a_all, t_all, ok_all = a, t, ok
-    n_valid = ok_all.sum(1).clamp(min=1).float()                                  # (P,) global counts
-    w = ok.float() * world / (2 * n_valid[:, None])                               # (P, B)
+    n_valid = ok_all.sum(1).clamp(min=1).to(dtype)                               # (P,) global counts
+    w = ok.to(dtype) * world / (2 * n_valid[:, None])                             # (P, B)
     if world == 1:
         per_target, correct = _FusedInfoNCE.apply(a, t, s, w, w, ok, ok, 0, True, chunk_size)
     else:

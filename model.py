@@ -70,6 +70,7 @@ def square_distance(src, dst):
     return dist
 
 
+@torch.compiler.disable  # a 384-step Python loop: tracing it would unroll it; it runs eagerly under --compile
 @torch.no_grad()
 def farthest_point_sample(xyz, num_samples, random_start=False):
     """(B, N, 3) -> (B, S) indices. Starts at point 0 (deterministic) unless `random_start`.
@@ -98,6 +99,7 @@ def farthest_point_sample(xyz, num_samples, random_start=False):
     return idx
 
 
+@torch.compiler.disable  # data-dependent shapes (nonzero)
 @torch.no_grad()
 def ball_query(xyz, centres, radius, k, max_elements=2 ** 24):
     """First k point indices (by index) within `radius` of each centre, padded with the first hit.
@@ -110,15 +112,25 @@ def ball_query(xyz, centres, radius, k, max_elements=2 ** 24):
     S = centres.shape[1]
     out = torch.empty(B, S, k, dtype=torch.long, device=xyz.device)
     chunk = max(1, max_elements // max(1, B * N))
-    for s0 in range(0, S, chunk):
-        inside = square_distance(centres[:, s0:s0 + chunk], xyz) <= radius ** 2  # (B, c, N)
-        rank = torch.cumsum(inside, -1, dtype=torch.int32)                     # 1-based slot of each hit
-        b, s, n = torch.nonzero(inside & (rank <= k), as_tuple=True)
-        block = torch.full((B, inside.shape[1], k), -1, dtype=torch.long, device=xyz.device)
-        block[b, s, rank[b, s, n].long() - 1] = n
-        # a centre is itself a point of the cloud, so slot 0 always holds a hit
-        out[:, s0:s0 + chunk] = torch.where(block < 0, block[..., :1], block)
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False  # TF32's 1e-3 error would move points across the radius
+    try:
+        for s0 in range(0, S, chunk):
+            _ball_query_block(xyz, centres[:, s0:s0 + chunk], radius, k, out[:, s0:s0 + chunk])
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
     return out
+
+
+def _ball_query_block(xyz, centres, radius, k, out):
+    """ball_query for a block of c centres, written into `out` (B, c, k)."""
+    inside = square_distance(centres, xyz) <= radius ** 2                       # (B, c, N)
+    rank = torch.cumsum(inside, -1, dtype=torch.int32)                         # 1-based slot of each hit
+    b, s, n = torch.nonzero(inside & (rank <= k), as_tuple=True)
+    block = torch.full(out.shape, -1, dtype=torch.long, device=xyz.device)
+    block[b, s, rank[b, s, n].long() - 1] = n
+    # a centre is itself a point of the cloud, so slot 0 always holds a hit
+    out.copy_(torch.where(block < 0, block[..., :1], block))
 
 
 def index_points(points, idx):
@@ -231,14 +243,19 @@ class TAMM(nn.Module):
             self.proj = nn.Linear(cfg.dim, clip_dim)
         else:
             raise ValueError(f"unknown heads {heads!r}")
-        # stored as a log like CLIP; init 14.28 (official config); clamped at `logit_scale_max` (None: the
-        # release, which never clamps) so the temperature cannot run away late in training
+        # stored as a log like CLIP; init 14.28 (official config). `logit_scale_max`: after every optimizer
+        # step the parameter is clamped to log(max), as CLIP does (None: the release, which never clamps).
+        # Clamping the parameter, not its exp() in the forward, keeps the gradient alive at the bound.
         self.logit_scale = nn.Parameter(torch.tensor(math.log(logit_scale_init)))
         self.logit_scale_max = logit_scale_max
 
     def scale(self):
-        s = self.logit_scale.exp()
-        return s if self.logit_scale_max is None else s.clamp(max=self.logit_scale_max)
+        return self.logit_scale.exp()
+
+    @torch.no_grad()
+    def clamp_logit_scale_(self):
+        if self.logit_scale_max is not None:
+            self.logit_scale.clamp_(max=math.log(self.logit_scale_max))
 
     def forward(self, points):
         f = self.encoder(points)                                                   # (B, dim)
@@ -334,6 +351,9 @@ def load_pretrained(path_or_ckpt, scaling=4, clip_dim=1280, where=None):
     where = where or (str(path_or_ckpt) if not isinstance(path_or_ckpt, dict) else "checkpoint")
     ckpt = path_or_ckpt if isinstance(path_or_ckpt, dict) else load_checkpoint_file(path_or_ckpt)
     if "config" in ckpt and "model" in ckpt:
+        if "encoder" not in (ckpt["config"] or {}):
+            raise BadInput(f"{where}: a stage-1 checkpoint (CLIP Image Adapter), not a point encoder; "
+                           f"evaluate the stage-2 checkpoint (OUT/stage2/latest.pt)")
         model, state = build_from_config(ckpt["config"]), ckpt["model"]
     elif "state_dict" in ckpt:
         cfg = encoder_config(scaling)

@@ -28,9 +28,8 @@ from tqdm import tqdm
 import data
 from adapters import ClipImageAdapter
 from loss import contrastive_loss
-from model import load_checkpoint_file
-from training import (RunLog, all_ranks_have_rows, apply_preset, cosine_lr, data_root, find_resume, param_groups, preset_parser,
-                      retrieval_top1, save_checkpoint, set_rng_state, write_run_info)
+from training import (RunLog, all_ranks_have_rows, all_rng_states, apply_preset, cosine_lr, data_root, find_resume,
+                      param_groups, preset_parser, resume, retrieval_top1, save_checkpoint, write_run_info)
 from utils import BadInput, atomic_save, check_writable, cleanup_distributed, run_cli, setup_distributed
 
 PRESETS = {
@@ -119,13 +118,9 @@ def main(argv=None):
     model = Stage1Model(full.clip_dim, args.ratio).to(env.device)
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.999), eps=1e-8)
     step = start_epoch = start_batch = 0
-    resume = find_resume(args.resume, run_dir)
-    if resume:
-        ckpt = load_checkpoint_file(resume)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        step, start_epoch, start_batch = ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"]
-        set_rng_state(ckpt["rng"])
+    resume_path = find_resume(args.resume, run_dir)
+    if resume_path:
+        step, start_epoch, start_batch = resume(resume_path, model, optimizer, None, env)
     train_model = DDP(model) if env.distributed else model
     before = retrieval_top1(held_image, held_text)
 
@@ -154,9 +149,11 @@ def main(argv=None):
             image = batch["image_feat"].to(env.device).transpose(0, 1)                   # (V, B, D)
             text = batch["text_feat"].to(env.device).expand(image.shape[0], -1, -1)       # (V, B, D)
             mask = (batch["has_text"] & batch["valid"]).to(env.device).expand(image.shape[0], -1)  # (V, B)
-            res = contrastive_loss(train_model(image), text, model.logit_scale.exp().clamp(max=100), mask)
+            res = contrastive_loss(train_model(image), text, model.logit_scale.exp(), mask)
             res.loss.backward()
             optimizer.step()
+            with torch.no_grad():  # temperature at most 100, clamped on the parameter as CLIP does
+                model.logit_scale.clamp_(max=math.log(100))
             optimizer.zero_grad(set_to_none=True)
             step += 1
             if step % args.log_every == 0 or step == total_steps:
@@ -164,15 +161,18 @@ def main(argv=None):
                           "acc": res.accuracy.mean().item(), "lr": lr, "scale": model.logit_scale.exp().item()}
                 log(record, echo=bar.disable)  # plain lines when there is no bar (not a terminal)
                 bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['acc']:.2f}", lr=f"{lr:.2e}")
-            if env.is_main and step % args.save_every == 0 and batch_idx + 1 < steps_per_epoch:
-                save_checkpoint(os.path.join(run_dir, "latest.pt"), model, optimizer, None, step, epoch,
-                                batch_idx + 1, vars(args))
+            if step % args.save_every == 0 and batch_idx + 1 < steps_per_epoch:
+                rng = all_rng_states(env)  # collective: every rank takes part
+                if env.is_main:
+                    save_checkpoint(os.path.join(run_dir, "latest.pt"), model, optimizer, None, step, epoch,
+                                    batch_idx + 1, vars(args), rng)
             if step >= total_steps:
                 break
+        rng = all_rng_states(env)
         if env.is_main:
             ended = batch_idx + 1 == steps_per_epoch
             save_checkpoint(os.path.join(run_dir, "latest.pt"), model, optimizer, None, step,
-                            epoch + 1 if ended else epoch, 0 if ended else batch_idx + 1, vars(args))
+                            epoch + 1 if ended else epoch, 0 if ended else batch_idx + 1, vars(args), rng)
 
     with torch.no_grad():
         after = retrieval_top1(model.eval()(held_image.to(env.device)).cpu(), held_text)

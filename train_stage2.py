@@ -30,9 +30,10 @@ import data
 import evaluate
 from adapters import load_cia
 from loss import contrastive_loss
-from model import TAMM, encoder_config, load_checkpoint_file
-from training import (RunLog, all_ranks_have_rows, all_reduce_mean, apply_preset, autocast, cosine_lr, data_root, find_resume,
-                      param_groups, preset_parser, save_checkpoint, set_rng_state, sync_batchnorm, write_run_info)
+from model import TAMM, encoder_config
+from training import (RunLog, all_ranks_have_rows, all_reduce_mean, all_rng_states, apply_preset, autocast, cosine_lr,
+                      data_root, find_resume, param_groups, preset_parser, resume, save_checkpoint, sync_batchnorm,
+                      write_run_info)
 from utils import BadInput, check_writable, cleanup_distributed, run_cli, setup_distributed
 
 PRESETS = {
@@ -54,7 +55,7 @@ SOURCES = {
 
 
 def parse_args(argv):
-    p = preset_parser(__doc__.split("\n\n")[0], PRESETS, SOURCES)
+    p = preset_parser(__doc__.split("\n\n")[0], PRESETS, SOURCES, choices={"precision": ("bf16", "fp16", "fp32")})
     p.add_argument("--data", help="OpenShape data root (default: the embedded synthetic world)")
     p.add_argument("--out", help="output folder (default: runs/<preset>)")
     p.add_argument("--cia", help="stage-1 adapter (default: OUT/stage1/cia.pt)")
@@ -69,6 +70,8 @@ def parse_args(argv):
     p.add_argument("--max-steps", type=int, help="stop after this many steps (smoke tests)")
     p.add_argument("--loss-chunk", type=int, help="rows per block in the loss (bounds memory for huge batches)")
     p.add_argument("--knn", action="store_true", help="hard-negative batches from meta_data/point_feat_knn.npy")
+    p.add_argument("--fps-random-start", action="store_true",
+                   help="start FPS at a random point in training, as the PointNet++ reference (default: point 0)")
     p.add_argument("--val", default="val", help="benchmark for periodic validation ('none' to disable); "
                    "never used to pick a checkpoint")
     p.add_argument("--max-nonfinite", type=int, default=20,
@@ -95,6 +98,8 @@ def main(argv=None):
     if args.batch_size % env.world_size:
         raise BadInput(f"--batch-size {args.batch_size} (global) is not divisible by {env.world_size} processes")
     local_batch = args.batch_size // env.world_size
+    if local_batch < 2:
+        raise BadInput(f"--batch-size {args.batch_size} gives {local_batch} shape per process; BatchNorm needs >= 2")
     run_dir = os.path.join(args.out or os.path.join("runs", args.preset), "stage2")
     if env.is_main:
         check_writable(run_dir)
@@ -126,20 +131,11 @@ def main(argv=None):
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay, decay_everything=args.release_exact),
                                   lr=args.lr, betas=(0.9, 0.999), eps=1e-8)  # betas/eps: official config
     scaler = torch.amp.GradScaler("cuda") if args.precision == "fp16" and env.device.type == "cuda" else None
+    model.encoder.patch_embed.random_start = args.fps_random_start
     step = start_epoch = start_batch = 0
-    resume = find_resume(args.resume, run_dir)
-    if resume:
-        ckpt = load_checkpoint_file(resume)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if scaler is not None and ckpt["scaler"]:
-            scaler.load_state_dict(ckpt["scaler"])
-        step, start_epoch, start_batch = ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"]
-        set_rng_state(ckpt["rng"])  # exact for one process; ranks > 0 re-derive their dropout stream below
-        if env.distributed:
-            torch.manual_seed(args.seed * 1_000_003 + step * 101 + env.rank)
-        if env.is_main:
-            print(f"resumed from {resume} at step {step} (epoch {start_epoch}, batch {start_batch})")
+    resume_path = find_resume(args.resume, run_dir)
+    if resume_path:
+        step, start_epoch, start_batch = resume(resume_path, model, optimizer, scaler, env)
     train_model = model
     if env.distributed:
         train_model = DDP(sync_batchnorm(model, env.device),
@@ -151,6 +147,7 @@ def main(argv=None):
     total_steps = min(args.epochs * steps_per_epoch, args.max_steps or 10 ** 12)
     warmup = args.warmup_epochs * steps_per_epoch
     skipped_shapes = nonfinite = 0
+    res = None
     if env.is_main:
         n_params = sum(p.numel() for p in model.parameters())
         print(f"stage 2 | {len(dataset)} shapes | {steps_per_epoch} steps/epoch | global batch {args.batch_size} "
@@ -161,8 +158,7 @@ def main(argv=None):
     for epoch in range(start_epoch, args.epochs):
         if step >= total_steps:
             break
-        sampler.set_epoch(epoch)
-        dataset.set_epoch(epoch)
+        sampler.set_epoch(epoch)  # also the dataset's epoch: its augmentation depends on it
         first = start_batch if epoch == start_epoch else 0
         sampler.skip(first * local_batch)
         bar = tqdm(loader, total=steps_per_epoch, initial=first, disable=None if env.is_main else True, leave=False,
@@ -190,6 +186,9 @@ def main(argv=None):
             res = contrastive_loss(anchors, targets, model.scale(), mask, args.loss_chunk)
             if not torch.isfinite(res.per_target.sum()):  # same decision on every rank (all-reduced)
                 nonfinite += 1
+                if env.distributed:  # DDP expects a backward after each forward; these gradients are dropped
+                    res.loss.backward()
+                optimizer.zero_grad(set_to_none=True)
                 with torch.no_grad():
                     for b, saved in zip(model.buffers(), buffers):
                         b.copy_(saved)
@@ -206,6 +205,7 @@ def main(argv=None):
             else:
                 res.loss.backward()
                 optimizer.step()
+            model.clamp_logit_scale_()
             optimizer.zero_grad(set_to_none=True)
             step += 1
             seen += points.shape[0] * env.world_size
@@ -215,17 +215,20 @@ def main(argv=None):
                 record = {"step": step, "epoch": epoch, "loss": res.per_target.sum().item(),
                           "acc_image": res.accuracy[:-1].mean().item(), "acc_text": res.accuracy[-1].item(),
                           "lr": lr, "scale": model.scale().item(), "samples_s": rate,
-                          "skipped_shapes": int(all_reduce_mean(torch.tensor(float(skipped_shapes))) * env.world_size)}
+                          "skipped_shapes": int(all_reduce_mean(torch.tensor(float(skipped_shapes), device=env.device))
+                                                * env.world_size)}
                 log(record, echo=bar.disable)  # plain lines when there is no bar (not a terminal)
                 bar.set_postfix(loss=f"{record['loss']:.3f}", img=f"{record['acc_image']:.2f}",
                                 txt=f"{record['acc_text']:.2f}", lr=f"{lr:.2e}", sps=f"{rate:.0f}")
             last_in_epoch = batch_idx + 1 == steps_per_epoch
-            if env.is_main and (step % args.save_every == 0 or step == total_steps) and not last_in_epoch:
-                save_checkpoint(os.path.join(run_dir, "latest.pt"), model, optimizer, scaler, step, epoch,
-                                batch_idx + 1, vars(args))
+            if (step % args.save_every == 0 or step == total_steps) and not last_in_epoch:
+                rng = all_rng_states(env)  # collective: every rank takes part
+                if env.is_main:
+                    save_checkpoint(os.path.join(run_dir, "latest.pt"), model, optimizer, scaler, step, epoch,
+                                    batch_idx + 1, vars(args), rng)
             if step >= total_steps:
                 break
-        if env.is_main:
+        if env.is_main and res is not None:
             print(f"epoch {epoch} | step {step} | loss {res.per_target.sum().item():.4f} | "
                   f"acc img {res.accuracy[:-1].mean().item():.3f} txt {res.accuracy[-1].item():.3f} | "
                   f"{seen / (time.time() - t0):.1f} samples/s | skipped shapes {skipped_shapes}", flush=True)
@@ -233,9 +236,10 @@ def main(argv=None):
         if val is not None and ((epoch + 1) % args.eval_every == 0 or step >= total_steps):
             log({"step": step, "epoch": epoch, **validate(model, val, env, local_batch)})
             train_model.train()
+        rng = all_rng_states(env)
         if env.is_main:
             save_checkpoint(os.path.join(run_dir, "latest.pt"), model, optimizer, scaler, step,
-                            epoch + 1 if done_epoch else epoch, 0 if done_epoch else batch_idx + 1, vars(args))
+                            epoch + 1 if done_epoch else epoch, 0 if done_epoch else batch_idx + 1, vars(args), rng)
     cleanup_distributed()
     return run_dir
 

@@ -25,16 +25,15 @@ from utils import BadInput, atomic_save
 # Presets: every value of a preset is a flag; --help shows each preset's value and where it comes from.
 
 
-def preset_parser(description, presets, sources, extra_help=None):
+def preset_parser(description, presets, sources, choices=None):
     """An ArgumentParser whose preset-backed flags default to None and are filled by `apply_preset`."""
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(presets),
                    help="named defaults (default: demo without --data, paper with it)")
     for name, value in presets["paper"].items():
         shown = ", ".join(f"{k}={v[name]}" for k, v in presets.items())
-        help_text = (extra_help or {}).get(name, "")
-        p.add_argument("--" + name.replace("_", "-"), type=type(value) if value is not None else str, default=None,
-                       help=f"{help_text} [{shown}; source: {sources[name]}]".strip())
+        p.add_argument("--" + name.replace("_", "-"), type=type(value), default=None,
+                       choices=(choices or {}).get(name), help=f"[{shown}; source: {sources[name]}]")
     return p
 
 
@@ -124,40 +123,74 @@ def sync_batchnorm(model, device):
 
 
 def rng_state():
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state()[1].tolist(),
+    """This process's RNG streams, as plain tensors/ints (loadable with weights_only=True)."""
+    _, key, pos, has_gauss, gauss = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "numpy": [key.tolist(), int(pos), int(has_gauss), float(gauss)],
             "python": list(random.getstate()[1]),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
 
 
 def set_rng_state(state):
     torch.set_rng_state(state["torch"])
-    np.random.set_state(("MT19937", np.array(state["numpy"], dtype=np.uint32), 624, 0, 0.0))
+    key, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state(("MT19937", np.array(key, dtype=np.uint32), pos, has_gauss, gauss))
     random.setstate((3, tuple(state["python"]), None))
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
 
 
-def save_checkpoint(path, model, optimizer, scaler, step, epoch, batch_in_epoch, config, extra=None):
-    """Write model (unwrapped), optimizer, scaler, position in the data, config and RNG state atomically."""
+def all_rng_states(env):
+    """Every rank's RNG state, in rank order (a collective: call it on every rank before saving)."""
+    state = rng_state()
+    if not env.distributed:
+        return [state]
+    states = [None] * env.world_size
+    dist.all_gather_object(states, state)
+    return states
+
+
+def save_checkpoint(path, model, optimizer, scaler, step, epoch, batch_in_epoch, args, rng):
+    """Write model (unwrapped), optimizer, scaler, position in the data, flags and per-rank RNG atomically."""
     module = model.module if hasattr(model, "module") else model
     module = getattr(module, "_orig_mod", module)  # torch.compile wrapper
-    ckpt = {"model": module.state_dict(), "config": module.config(), "optimizer": optimizer.state_dict(),
-            "scaler": scaler.state_dict() if scaler is not None else None, "step": step, "epoch": epoch,
-            "batch_in_epoch": batch_in_epoch, "args": config, "rng": rng_state()}
-    ckpt.update(extra or {})
-    atomic_save(ckpt, path)
+    atomic_save({"model": module.state_dict(), "config": module.config(), "optimizer": optimizer.state_dict(),
+                 "scaler": scaler.state_dict() if scaler is not None else None, "step": step, "epoch": epoch,
+                 "batch_in_epoch": batch_in_epoch, "args": args, "rng": rng}, path)
+
+
+def resume(path, model, optimizer, scaler, env):
+    """Load a checkpoint written by save_checkpoint into the (unwrapped) model and optimizer, restore this
+    rank's RNG streams, and return (step, epoch, batch_in_epoch). A checkpoint of another model is BadInput."""
+    from model import load_checkpoint_file, load_exact
+    ckpt = load_checkpoint_file(path)
+    if ckpt.get("config") != model.config():
+        raise BadInput(f"{path}: checkpoint of another model ({ckpt.get('config')}); "
+                       f"this run builds {model.config()} (another --out, or matching flags)")
+    load_exact(model, ckpt["model"], path)
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if scaler is not None and ckpt["scaler"]:
+        scaler.load_state_dict(ckpt["scaler"])
+    rng = ckpt["rng"]
+    if len(rng) == env.world_size:
+        set_rng_state(rng[env.rank])
+    else:  # another world size: the data order is still exact, the dropout stream is re-derived
+        torch.manual_seed(ckpt["step"] * 1_000_003 + env.rank)
+    if env.is_main:
+        print(f"resumed from {path} at step {ckpt['step']} (epoch {ckpt['epoch']}, batch {ckpt['batch_in_epoch']})")
+    return ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"]
 
 
 def data_root(data_arg, env):
-    """--data as given (checked by the reader), or the embedded synthetic world, built once by the main process."""
+    """--data as given (checked by the reader), or the embedded synthetic world, built once per node by its
+    local rank 0 while the other ranks wait (nodes need not share a file system)."""
     if data_arg:
         return data_arg
     import synthetic
-    if env.is_main:
-        root = synthetic.ensure_world()
+    if env.local_rank == 0:
+        synthetic.ensure_world()
     if env.distributed:
         dist.barrier()
-    return root if env.is_main else synthetic.ensure_world()
+    return str(synthetic.ensure_world())
 
 
 def find_resume(resume, out_dir):
@@ -206,9 +239,9 @@ def write_run_info(out_dir, args):
         json.dump(info, f, indent=2, default=str)
 
 
-def all_ranks_have_rows(batch, env):
-    """False if this or any other rank got a batch with no loadable shape (one tiny all_reduce under DDP)."""
-    ok = torch.tensor([float(len(batch["index"]) > 1)], device=env.device)  # BatchNorm needs 2 rows
+def all_ranks_have_rows(batch, env, min_rows=1):
+    """False if this or any other rank got fewer than `min_rows` loadable shapes (one tiny all_reduce)."""
+    ok = torch.tensor([float(len(batch["index"]) >= min_rows)], device=env.device)
     if env.distributed:
         dist.all_reduce(ok, op=dist.ReduceOp.MIN)
     return bool(ok.item())

@@ -181,6 +181,11 @@ def test_bad_inputs_exit_2_with_one_line_and_overwrite_nothing(tiny_world, world
     bad_ply.write_text("ply\nformat ascii 1.0\nelement vertex two\nend_header\n0 0 0\n")
     cloud = tmp_path / "cloud.npy"
     np.save(cloud, np.random.rand(300, 3).astype(np.float32))
+    stage1 = tmp_path / "stage1.pt"
+    torch.save({"model": {}, "config": {"dim": 1280, "ratio": 0.2}}, stage1)
+    other = tmp_path / "other" / "stage2"
+    other.mkdir(parents=True)
+    torch.save({"model": {}, "config": TAMM(CONFIGS[1]).config()}, other / "latest.pt")
     results = tmp_path / "results"
     results.mkdir()
     (results / "eval_good.json").write_text("previous results")
@@ -196,6 +201,9 @@ def test_bad_inputs_exit_2_with_one_line_and_overwrite_nothing(tiny_world, world
         (evaluate.main, ["--ckpt", str(good), "--data", str(tiny_world), "--out", "/sys/kernel/tamm-eval", *ev], "tamm-eval"),
         (train_stage2.main, ["--data", str(world_copy), "--no-cia", "--out", "/sys/kernel/tamm-train"], "tamm-train"),
         (evaluate.main, ["--ckpt", str(corrupt), "--data", str(tiny_world), "--out", str(results), *ev], "corrupt.pt"),
+        (evaluate.main, ["--ckpt", str(stage1), "--data", str(tiny_world), *ev], "stage-1 checkpoint"),
+        (train_stage2.main, ["--data", str(tiny_world), "--no-cia", "--out", str(tmp_path / "other"), *TINY_TRAIN],
+         "checkpoint of another model"),
     ]
     for main, argv, needle in cases:
         code, err = cli(main, argv, capsys)
