@@ -13,7 +13,9 @@ cross-entropies. `contrastive_loss` does all P targets at once:
   - a custom autograd.Function that keeps the logits and two log-sum-exp vectors and rebuilds the gradient of
     the logits in place block by block, instead of keeping row and column softmax matrices alive;
   - `chunk_size` processes rows in blocks and keeps no logits at all (recomputed in backward), so a 16k+
-    global batch never holds a (P, B, B) matrix in one piece.
+    global batch never holds a (P, B, B) matrix in one piece. By default the logits are kept while they
+    take at most KEEP_LOGITS elements (fastest: 3 matmuls per target) and recomputed one target at a time
+    beyond that (4 matmuls per target, the memory of one (B, B) block).
 
 Scaling under DDP: rank r returns world * (its local share of the global loss), so that DDP's gradient
 *average* equals the gradient of the global loss, i.e. exactly one process on the concatenated batch.
@@ -27,6 +29,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from utils import world_info
+
+KEEP_LOGITS = 2 ** 25  # (P, B, N) logits kept for backward up to this many elements (128 MB in fp32)
 
 
 class _GatherWithGrad(torch.autograd.Function):
@@ -66,7 +70,7 @@ class _FusedInfoNCE(torch.autograd.Function):
         P, b, _ = q.shape
         N = k.shape[1]
         masked = not (bool(row_ok.all()) and bool(key_ok.all()))
-        keep = chunk is None or chunk >= b
+        keep = chunk is None  # with a chunk size the logits are recomputed in backward, block by block
         logits = torch.bmm(q, k.transpose(1, 2)).mul_(s) if keep else None         # (P, b, N)
         lse_r = q.new_empty(P, b)
         lse_c = q.new_full((P, N), float("-inf")) if both else None
@@ -148,6 +152,7 @@ def contrastive_loss(anchors, targets, logit_scale, mask=None, chunk_size=None):
     anchors, targets: (P, B, D) this rank's features (normalised here); logit_scale: scalar tensor (the
     temperature, already exp'ed and clamped); mask: optional (P, B) bool, False where a sample has no target
     (e.g. no text) — such samples are dropped from that target's rows *and* negatives, as OpenShape does.
+    chunk_size: rows per block (None: keep the logits if small, else one target at a time; see above).
     Returns LossOutput. Equal to the plain loop `sum_p (CE(L_p) + CE(L_p.T)) / 2` over the valid samples."""
     P, b, _ = anchors.shape
     dtype = torch.promote_types(anchors.dtype, torch.float32)  # bf16/fp16 features: the loss runs in fp32
@@ -163,6 +168,8 @@ def contrastive_loss(anchors, targets, logit_scale, mask=None, chunk_size=None):
         ok_all = torch.cat(ok_parts, 1).bool()
     else:
         a_all, t_all, ok_all = a, t, ok
+    if chunk_size is None and P * b * a_all.shape[1] > KEEP_LOGITS:
+        chunk_size = b  # one target's (B, N) block at a time, recomputed in backward
     n_valid = ok_all.sum(1).clamp(min=1).to(dtype)                               # (P,) global counts
     w = ok.to(dtype) * world / (2 * n_valid[:, None])                             # (P, B)
     if world == 1:

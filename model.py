@@ -64,7 +64,7 @@ def encoder_config(scaling):
 
 def square_distance(src, dst):
     """(B, S, 3), (B, N, 3) -> (B, S, N) squared distances, the |a|^2 - 2ab + |b|^2 form of the reference."""
-    dist = -2 * torch.matmul(src, dst.transpose(1, 2))
+    dist = torch.matmul(src, dst.transpose(1, 2)).mul_(-2)  # in place: one (B, S, N) buffer, same values
     dist += torch.sum(src ** 2, -1).unsqueeze(-1)
     dist += torch.sum(dst ** 2, -1).unsqueeze(1)
     return dist

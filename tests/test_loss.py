@@ -113,3 +113,19 @@ def test_two_processes_equal_one_process_on_the_concatenated_batch(chunk, tmp_pa
     # gradients w.r.t. each rank's features, scaled like DDP's average, equal the single-process gradients
     assert torch.allclose(torch.cat([r[4] for r in results], 1), a1.grad, atol=1e-6)
     assert torch.allclose(torch.cat([r[5] for r in results], 1), t1.grad, atol=1e-6)
+
+
+def test_large_batches_switch_to_recomputed_blocks_with_the_same_result(monkeypatch):
+    import loss
+    a, t, log_scale = inputs(P=3, B=16)
+    keep = contrastive_loss(a, t, log_scale.exp())
+    g_keep = torch.autograd.grad(keep.loss, [a, log_scale])
+    monkeypatch.setattr(loss, "KEEP_LOGITS", 10)  # every batch counts as large now
+    calls = []
+    real = loss._FusedInfoNCE.apply
+    monkeypatch.setattr(loss._FusedInfoNCE, "apply", lambda *args: calls.append(args[-1]) or real(*args))
+    blocks = contrastive_loss(a, t, log_scale.exp())
+    g_blocks = torch.autograd.grad(blocks.loss, [a, log_scale])
+    assert calls == [16]  # one target's rows per block
+    assert torch.allclose(keep.loss, blocks.loss, atol=1e-6)
+    assert all(torch.allclose(x, y, atol=1e-6) for x, y in zip(g_keep, g_blocks))
