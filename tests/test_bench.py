@@ -1,0 +1,131 @@
+"""bench.py: its release-style baselines compute what our implementations compute, its measuring helpers, and
+`main(["--quick", ...])` end to end on CPU. No assertion on speed: speed is a benchmark figure, not a test."""
+import json
+import math
+
+import pytest
+import torch
+
+import bench
+import model
+from loss import contrastive_loss
+
+CPU = torch.device("cpu")
+
+
+def test_release_fps_gives_our_indices():
+    xyz = bench.cloud(3, 1500, CPU, seed=1)[..., :3]
+    assert torch.equal(bench.release_fps(xyz, 96), model.farthest_point_sample(xyz, 96))
+
+
+@pytest.mark.parametrize("radius,k", [(0.2, 32), (0.05, 8)])  # 0.05: most balls have fewer hits than k (padding)
+def test_release_ball_query_gives_our_indices(radius, k):
+    xyz = bench.cloud(2, 2000, CPU, seed=2)[..., :3]
+    centres = model.index_points(xyz, model.farthest_point_sample(xyz, 64))
+    assert torch.equal(bench.release_ball_query(radius, k, xyz, centres), model.ball_query(xyz, centres, radius, k))
+
+
+def test_release_index_points_matches_gather():
+    pts = torch.randn(2, 50, 6)
+    idx = torch.randint(0, 50, (2, 7, 5))
+    assert torch.equal(bench.release_index_points(pts, idx), model.index_points(pts, idx))
+
+
+def test_release_loss_matches_fused_loss_values_and_gradients():
+    fns = bench.loss_ops(dict(P=3, B=40, D=24, chunk=16), CPU)
+    base, ours, chunked = fns["baseline"](), fns["ours"](), fns["chunked"]()
+    assert len(base) == 3  # loss, d/d anchors, d/d log temperature
+    for b, o, c in zip(base, ours, chunked):
+        assert torch.allclose(b, o, rtol=0, atol=1e-5) and torch.allclose(b, c, rtol=0, atol=1e-5)
+    assert base[2].abs() > 1e-3  # the temperature really receives a gradient
+    # and the plain loss is the symmetric InfoNCE of the fused one, term for term
+    a, t = torch.randn(2, 16, 8), torch.randn(2, 16, 8)
+    assert torch.allclose(bench.release_loss(a, t, torch.tensor(5.0)), contrastive_loss(a, t, torch.tensor(5.0)).loss,
+                          atol=1e-5)
+
+
+def test_baseline_encoder_same_weights_release_modules_and_exact_parity_in_float64():
+    torch.manual_seed(0)
+    ours = model.PointBert(model.CONFIGS["tiny"]).train().double()
+    base = bench.baseline_encoder(ours)
+    for (n, p), (_, q) in zip(ours.named_parameters(), base.named_parameters()):
+        assert torch.equal(p, q) and p.data_ptr() != q.data_ptr(), n
+    assert base.blocks[0].attn.forward.__func__ is bench.eager_attention
+    assert base.patch_embed.forward.__func__ is bench.release_patch_embed
+    assert "forward" not in vars(ours.blocks[0].attn) and "forward" not in vars(ours.patch_embed)  # ours untouched
+    pts = bench.cloud(2, 1024, CPU, seed=3).double()
+    a, b = bench.train_step(ours, pts), bench.train_step(base, pts)
+    assert len(a) == 1 + len(list(ours.parameters()))
+    for x, y in zip(a, b):  # same function: in float64 only rounding remains
+        assert torch.allclose(x, y, rtol=1e-9, atol=1e-12)
+
+
+def test_baseline_encoder_parity_check_in_float32():
+    torch.manual_seed(0)
+    ours = model.PointBert(model.CONFIGS["tiny"]).train()
+    base = bench.baseline_encoder(ours)
+    pts = bench.cloud(2, 1024, CPU, seed=4)
+    a, b = bench.train_step(ours, pts), bench.train_step(base, pts)
+    assert bench.same_step(a, b)
+    wrong = [a[0] * 1.01] + a[1:]
+    assert not bench.same_step(wrong, b)
+
+
+def test_median_ratio_on_known_numbers():
+    assert bench.median_ratio([3.0, 1.0, 2.0], [1.0, 0.5, 4.0]) == (2.0, 1.0, 2.0)
+    assert bench.median_ratio([1.0, 2.0, 3.0, 4.0], [2.0, 2.0]) == (2.5, 2.0, 1.25)
+    assert bench.median_ratio([1.0], [0.0])[2] == math.inf
+
+
+def test_interleaved_runs_warm_up_then_alternates():
+    calls = []
+    fns = {"a": lambda: calls.append("a") or 1, "b": lambda: calls.append("b") or 2}
+    outs, times = bench.interleaved(fns, 3, CPU)
+    assert outs == {"a": 1, "b": 2} and calls == ["a", "b"] * 4
+    assert len(times["a"]) == len(times["b"]) == 3 and all(t >= 0 for t in times["a"] + times["b"])
+
+
+def ones_ops(mb, device):
+    """Allocates and touches `mb` MB, alive until the end of the call (module level: the child imports it)."""
+    return {"ours": lambda: torch.ones(mb * 2 ** 18).sum(), "broken": lambda: 1 / 0}
+
+
+def test_peak_memory_in_a_fresh_child_sees_the_allocation_and_nothing_else():
+    assert 240 < bench.peak_extra_mb(ones_ops, (256,), "ours", CPU) < 300
+    assert bench.peak_extra_mb(ones_ops, (0,), "ours", CPU) < 10
+    junk = [torch.ones(2 ** 20) for _ in range(64)]  # 256 MB allocated and freed here: not the child's business
+    del junk
+    assert bench.peak_extra_mb(ones_ops, (0,), "ours", CPU) < 10
+
+
+def test_peak_memory_child_failure_is_reported():
+    with pytest.raises(RuntimeError, match="ones_ops broken failed"):
+        bench.peak_extra_mb(ones_ops, (0,), "broken", CPU)
+
+
+def test_main_quick_writes_every_row(tmp_path, tiny_world):
+    out = tmp_path / "bench.json"
+    bench.main(["--quick", "--repeats", "2", "--mem-repeats", "1", "--workers", "2", "--world", str(tiny_world),
+                "--out", str(out)])
+    res = json.loads(out.read_text())
+    assert {"cpu", "cores", "torch", "device"} <= res["machine"].keys() and res["machine"]["device"] == "cpu"
+    rows = {r["name"]: r for r in res["rows"]}
+    measured = ["ball_query_memory", "ball_query_time", "fps_time", "loss_time", "loss_memory", "encoder_step_time",
+                "encoder_step_memory", "data_reader"]
+    assert set(measured) <= rows.keys()
+    for name in measured:
+        r = rows[name]
+        assert isinstance(r["ratio"], float) and r["ratio"] > 0 and math.isfinite(r["ratio"]), r
+        assert r["status"] in ("PASS", "MISS") and r["equal"] is True, r
+    if not torch.cuda.is_available():
+        assert rows["encoder_cuda"]["status"] == rows["grouping_share"]["status"] == "skipped"
+    assert rows["data_reader"]["samples_per_s"] > 0
+    growth = {(g["what"], g["size"]) for g in res["growth"]}
+    assert ("FPS time", "N=1000") in growth and ("loss memory", "B=64") in growth
+    assert all(g["equal"] and g["ratio"] > 0 for g in res["growth"])
+
+
+def test_main_only_picks_rows(tmp_path):
+    out = tmp_path / "b.json"
+    bench.main(["--quick", "--only", "fps", "--repeats", "1", "--out", str(out)])
+    assert [r["name"] for r in json.loads(out.read_text())["rows"]] == ["fps_time"]
