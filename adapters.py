@@ -14,7 +14,6 @@ the `adapter.` prefix), each head is `{0,1,4,5}.*` (the release's `classifier.{0
 
     python -c "import adapters; print(sum(p.numel() for p in adapters.ClipImageAdapter().parameters()))"
 """
-import torch
 import torch.nn as nn
 import torch.nn.functional as F
 

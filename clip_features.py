@@ -38,7 +38,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 
 import numpy as np
 import open_clip
@@ -50,7 +49,7 @@ from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
 from PIL import Image
 from tqdm import tqdm
 
-from utils import BadInput, check_writable, hub_reachable, run_cli
+from utils import BadInput, atomic_save, check_writable, hub_reachable, run_cli
 
 # The teacher of OpenShape and TAMM (tamm-facts.md section 1): 1280-d features.
 DEFAULT_MODEL = "ViT-bigG-14"
@@ -234,17 +233,8 @@ def encode_class_names(names, model, tokenizer, templates=PROMPT_TEMPLATES, devi
 
 
 def _save_npy(obj, path):
-    """np.save to a temp file, then rename: an interrupted run never leaves a half-written file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npy", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, obj, allow_pickle=True)
-        os.replace(tmp, path)
-    except BaseException:
-        os.remove(tmp)
-        raise
+    """np.save, atomically: an interrupted run never leaves a half-written file."""
+    atomic_save(obj, path, save=lambda o, f: np.save(f, o, allow_pickle=True))
 
 
 def write_class_features(names, feats, path, layout="modelnet"):

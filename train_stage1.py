@@ -28,9 +28,9 @@ from tqdm import tqdm
 import data
 from adapters import ClipImageAdapter
 from loss import contrastive_loss
-from training import (RunLog, all_ranks_have_rows, all_rng_states, apply_preset, cosine_lr, data_root, find_resume,
-                      param_groups, preset_parser, resume, retrieval_top1, save_checkpoint, write_run_info)
-from utils import BadInput, atomic_save, check_writable, cleanup_distributed, run_cli, setup_distributed
+from training import (all_ranks_have_rows, all_rng_states, apply_preset, cosine_lr, data_root, find_resume,
+                      param_groups, preset_parser, resume, retrieval_top1, save_checkpoint, start_run)
+from utils import BadInput, atomic_save, cleanup_distributed, run_cli, setup_distributed
 
 PRESETS = {
     "paper": dict(epochs=400, batch_size=200, lr=1e-3, warmup_epochs=20, weight_decay=0.01, ratio=0.2,
@@ -95,14 +95,7 @@ def main(argv=None):
     args = parse_args(argv)
     env = setup_distributed(args.device)
     torch.manual_seed(args.seed + env.rank)
-    if args.batch_size % env.world_size:
-        raise BadInput(f"--batch-size {args.batch_size} (global) is not divisible by {env.world_size} processes")
-    local_batch = args.batch_size // env.world_size
-    run_dir = os.path.join(args.out or os.path.join("runs", args.preset), "stage1")
-    if env.is_main:
-        check_writable(run_dir)
-        write_run_info(run_dir, args)
-    log = RunLog(run_dir, env.is_main)
+    run_dir, local_batch, log = start_run(args, env, "stage1")
 
     # ---- data: only features are used; few points are read (the reader still validates each shape)
     root = data_root(args.data, env)

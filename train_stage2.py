@@ -31,10 +31,10 @@ import evaluate
 from adapters import load_cia
 from loss import contrastive_loss
 from model import TAMM, encoder_config
-from training import (RunLog, all_ranks_have_rows, all_reduce_mean, all_rng_states, apply_preset, autocast, cosine_lr,
-                      data_root, find_resume, param_groups, preset_parser, resume, save_checkpoint, sync_batchnorm,
-                      write_run_info)
-from utils import BadInput, check_writable, cleanup_distributed, run_cli, setup_distributed
+from training import (all_ranks_have_rows, all_reduce_mean, all_rng_states, apply_preset, autocast, cosine_lr,
+                      data_root, find_resume, param_groups, preset_parser, resume, save_checkpoint, start_run,
+                      sync_batchnorm)
+from utils import BadInput, cleanup_distributed, run_cli, setup_distributed
 
 PRESETS = {
     "paper": dict(epochs=200, batch_size=200, lr=6e-4, warmup_epochs=10, weight_decay=0.01, num_points=10000,
@@ -95,16 +95,9 @@ def main(argv=None):
     torch.manual_seed(args.seed + env.rank)
     if env.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    if args.batch_size % env.world_size:
-        raise BadInput(f"--batch-size {args.batch_size} (global) is not divisible by {env.world_size} processes")
-    local_batch = args.batch_size // env.world_size
+    run_dir, local_batch, log = start_run(args, env, "stage2")
     if local_batch < 2:
         raise BadInput(f"--batch-size {args.batch_size} gives {local_batch} shape per process; BatchNorm needs >= 2")
-    run_dir = os.path.join(args.out or os.path.join("runs", args.preset), "stage2")
-    if env.is_main:
-        check_writable(run_dir)
-        write_run_info(run_dir, args)
-    log = RunLog(run_dir, env.is_main)
 
     # ---- data
     root = data_root(args.data, env)

@@ -19,7 +19,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from utils import BadInput, atomic_save
+from utils import BadInput, atomic_save, check_writable
 
 # ---------------------------------------------------------------------------------------------------------
 # Presets: every value of a preset is a flag; --help shows each preset's value and where it comes from.
@@ -223,6 +223,18 @@ class RunLog:
         if echo:
             print(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()
                              if k != "time"), flush=True)
+
+
+def start_run(args, env, stage):
+    """Global batch -> per-process batch, OUT/<stage>/ checked writable, config.json written, the run log.
+    Returns (run_dir, local_batch, log)."""
+    if args.batch_size % env.world_size:
+        raise BadInput(f"--batch-size {args.batch_size} (global) is not divisible by {env.world_size} processes")
+    run_dir = os.path.join(args.out or os.path.join("runs", args.preset), stage)
+    if env.is_main:
+        check_writable(run_dir)
+        write_run_info(run_dir, args)
+    return run_dir, args.batch_size // env.world_size, RunLog(run_dir, env.is_main)
 
 
 def write_run_info(out_dir, args):

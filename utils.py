@@ -80,14 +80,14 @@ def world_info():
     return 0, 1
 
 
-def atomic_save(obj, path):
-    """torch.save to a temp file in the same folder, fsync, then rename over `path` (atomic on POSIX)."""
+def atomic_save(obj, path, save=torch.save):
+    """save(obj, file) to a temp file in the same folder, fsync, then rename over `path` (atomic on POSIX)."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
