@@ -101,16 +101,19 @@ def farthest_point_sample(xyz, num_samples, random_start=False):
 
 @torch.compiler.disable  # data-dependent shapes (nonzero)
 @torch.no_grad()
-def ball_query(xyz, centres, radius, k, max_elements=2 ** 24):
+def ball_query(xyz, centres, radius, k, max_elements=None):
     """First k point indices (by index) within `radius` of each centre, padded with the first hit.
 
     xyz (B, N, 3), centres (B, S, 3) -> (B, S, k) int64. The reference writes N into a (B, S, N) int64 index
     tensor and sorts it (about 6 GB at B=200, S=384, N=10k). Here a boolean mask and its running count give
     each hit its slot directly, and centres are processed in chunks of at most `max_elements` (B * chunk * N)
-    entries, so the peak extra memory is bounded independently of S."""
+    entries, so the peak extra memory is bounded independently of S. Default chunk: 2M entries on CPU (the
+    passes over it stay in cache: 2.4x faster than 16M at B=16, N=10k), 16M on GPU (fewer kernel launches)."""
     B, N, _ = xyz.shape
     S = centres.shape[1]
     out = torch.empty(B, S, k, dtype=torch.long, device=xyz.device)
+    if max_elements is None:
+        max_elements = 2 ** 21 if xyz.device.type == "cpu" else 2 ** 24
     chunk = max(1, max_elements // max(1, B * N))
     tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False  # TF32's 1e-3 error would move points across the radius
