@@ -54,8 +54,8 @@ from utils import BadInput, atomic_save, check_writable, hub_reachable, run_cli
 # The teacher of OpenShape and TAMM (tamm-facts.md section 1): 1280-d features.
 DEFAULT_MODEL = "ViT-bigG-14"
 DEFAULT_PRETRAINED = "laion2b_s39b_b160k"
-# Seconds to wait for the Hugging Face Hub before saying there is no network: the hub client itself retries
-# for about 50 s, which reads as a hang.
+# Seconds to wait for the Hugging Face Hub before saying there is no network (the hub client itself keeps
+# retrying about 50 s, which reads as a hang).
 HUB_PROBE_TIMEOUT = 5.0
 # Render formats PIL reads; any other file in a shape folder (points.npy, captions.txt) is not a view.
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
