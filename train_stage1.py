@@ -28,8 +28,8 @@ from tqdm import tqdm
 import data
 from adapters import ClipImageAdapter
 from loss import contrastive_loss
-from training import (all_ranks_have_rows, all_rng_states, apply_preset, cosine_lr, data_root, find_resume,
-                      param_groups, preset_parser, resume, retrieval_top1, save_checkpoint, start_run)
+from training import (all_ranks_have_rows, apply_preset, cosine_lr, data_root, find_resume,
+                      param_groups, preset_parser, resume, retrieval_top1, save_latest, start_run)
 from utils import BadInput, atomic_save, cleanup_distributed, run_cli, setup_distributed
 
 PRESETS = {
@@ -155,17 +155,12 @@ def main(argv=None):
                 log(record, echo=bar.disable)  # plain lines when there is no bar (not a terminal)
                 bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['acc']:.2f}", lr=f"{lr:.2e}")
             if step % args.save_every == 0 and batch_idx + 1 < steps_per_epoch:
-                rng = all_rng_states(env)  # collective: every rank takes part
-                if env.is_main:
-                    save_checkpoint(os.path.join(run_dir, "latest.pt"), model, optimizer, None, step, epoch,
-                                    batch_idx + 1, vars(args), rng)
+                save_latest(run_dir, model, optimizer, None, step, epoch, batch_idx + 1, args, env)
             if step >= total_steps:
                 break
-        rng = all_rng_states(env)
-        if env.is_main:
-            ended = batch_idx + 1 == steps_per_epoch
-            save_checkpoint(os.path.join(run_dir, "latest.pt"), model, optimizer, None, step,
-                            epoch + 1 if ended else epoch, 0 if ended else batch_idx + 1, vars(args), rng)
+        ended = batch_idx + 1 == steps_per_epoch
+        save_latest(run_dir, model, optimizer, None, step, epoch + 1 if ended else epoch,
+                    0 if ended else batch_idx + 1, args, env)
 
     with torch.no_grad():
         after = retrieval_top1(model.eval()(held_image.to(env.device)).cpu(), held_text)

@@ -31,8 +31,8 @@ import evaluate
 from adapters import load_cia
 from loss import contrastive_loss
 from model import TAMM, encoder_config
-from training import (all_ranks_have_rows, all_reduce_mean, all_rng_states, apply_preset, autocast, cosine_lr,
-                      data_root, find_resume, param_groups, preset_parser, resume, save_checkpoint, start_run,
+from training import (all_ranks_have_rows, all_reduce_mean, apply_preset, autocast, cosine_lr,
+                      data_root, find_resume, param_groups, preset_parser, resume, save_latest, start_run,
                       sync_batchnorm)
 from utils import BadInput, cleanup_distributed, run_cli, setup_distributed
 
@@ -215,10 +215,7 @@ def main(argv=None):
                                 txt=f"{record['acc_text']:.2f}", lr=f"{lr:.2e}", sps=f"{rate:.0f}")
             last_in_epoch = batch_idx + 1 == steps_per_epoch
             if (step % args.save_every == 0 or step == total_steps) and not last_in_epoch:
-                rng = all_rng_states(env)  # collective: every rank takes part
-                if env.is_main:
-                    save_checkpoint(os.path.join(run_dir, "latest.pt"), model, optimizer, scaler, step, epoch,
-                                    batch_idx + 1, vars(args), rng)
+                save_latest(run_dir, model, optimizer, scaler, step, epoch, batch_idx + 1, args, env)
             if step >= total_steps:
                 break
         if env.is_main and res is not None:
@@ -229,10 +226,8 @@ def main(argv=None):
         if val is not None and ((epoch + 1) % args.eval_every == 0 or step >= total_steps):
             log({"step": step, "epoch": epoch, **validate(model, val, env, local_batch)})
             train_model.train()
-        rng = all_rng_states(env)
-        if env.is_main:
-            save_checkpoint(os.path.join(run_dir, "latest.pt"), model, optimizer, scaler, step,
-                            epoch + 1 if done_epoch else epoch, 0 if done_epoch else batch_idx + 1, vars(args), rng)
+        save_latest(run_dir, model, optimizer, scaler, step, epoch + 1 if done_epoch else epoch,
+                    0 if done_epoch else batch_idx + 1, args, env)
     cleanup_distributed()
     return run_dir
 

@@ -149,17 +149,22 @@ def all_rng_states(env):
     return states
 
 
-def save_checkpoint(path, model, optimizer, scaler, step, epoch, batch_in_epoch, args, rng):
-    """Write model (unwrapped), optimizer, scaler, position in the data, flags and per-rank RNG atomically."""
+def save_latest(run_dir, model, optimizer, scaler, step, epoch, batch_in_epoch, args, env):
+    """RUN_DIR/latest.pt: model (unwrapped), optimizer, scaler, position in the data, flags and every rank's RNG,
+    written atomically by the main process. A collective (the RNG gather): call it on every rank."""
+    rng = all_rng_states(env)
+    if not env.is_main:
+        return
     module = model.module if hasattr(model, "module") else model
     module = getattr(module, "_orig_mod", module)  # torch.compile wrapper
+    path = os.path.join(run_dir, "latest.pt")
     atomic_save({"model": module.state_dict(), "config": module.config(), "optimizer": optimizer.state_dict(),
                  "scaler": scaler.state_dict() if scaler is not None else None, "step": step, "epoch": epoch,
-                 "batch_in_epoch": batch_in_epoch, "args": args, "rng": rng}, path)
+                 "batch_in_epoch": batch_in_epoch, "args": vars(args), "rng": rng}, path)
 
 
 def resume(path, model, optimizer, scaler, env):
-    """Load a checkpoint written by save_checkpoint into the (unwrapped) model and optimizer, restore this
+    """Load a checkpoint written by save_latest into the (unwrapped) model and optimizer, restore this
     rank's RNG streams, and return (step, epoch, batch_in_epoch). A checkpoint of another model is BadInput."""
     from model import load_checkpoint_file, load_exact
     ckpt = load_checkpoint_file(path)
