@@ -59,13 +59,3 @@ def zero_shot_scores(text_branch, image_branch, class_feat, alpha=0.5):
     image = F.normalize(image_branch.float(), dim=-1) @ t.T
     return text, image, text + alpha * image
 
-
-def load_cia(path_or_state, dim=1280):
-    """A frozen CIA from our stage-1 checkpoint or a release-style `adapter.fc.*` state dict."""
-    from model import load_checkpoint_file, load_exact  # model.py imports this file; import late
-    ckpt = path_or_state if isinstance(path_or_state, dict) else load_checkpoint_file(path_or_state)
-    state = ckpt.get("cia", ckpt)
-    state = {k.removeprefix("module.").removeprefix("adapter."): v for k, v in state.items()}
-    cia = ClipImageAdapter(dim, ratio=ckpt.get("cia_ratio", 0.2))
-    load_exact(cia, state, str(path_or_state) if not isinstance(path_or_state, dict) else "CIA state")
-    return cia.eval().requires_grad_(False)

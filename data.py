@@ -1,106 +1,86 @@
-"""Data of TAMM: the OpenShape release on disk -> training triplets, zero-shot benchmarks, loaders, download.
+"""The OpenShape release on disk -> training triplets, zero-shot benchmarks and loaders (TAMM section 4.1).
 
-TAMM (paper Sec. 4.1) trains on OpenShape's "ensembled" data (ShapeNet, 3D-FUTURE, ABO, Objaverse) and
-evaluates zero-shot on ModelNet40, Objaverse-LVIS and ScanObjectNN. This file reads the public release
-exactly as the official code does (tamm-facts.md sections 4-5):
+TAMM trains on OpenShape's "ensembled" data (ShapeNet, 3D-FUTURE, ABO, Objaverse) and evaluates zero-shot on
+ModelNet40, Objaverse-LVIS and ScanObjectNN; docs/data-format.md describes every file. This file reads them as
+the official code does (OpenShape src/data.py, TAMM data.py):
+- `TrainTriplets`: one sample = the points [xyz, rgb] after OpenShape's preprocessing (swap y/z, centre, divide
+  by the max norm, augment), 4 distinct CLIP view features (the thumbnail + 3 views when there is a thumbnail)
+  and one text feature picked as OpenShape does.
+- `load_benchmarks`: the zero-shot sets and their class-name text features; TAMM takes the first N points.
+- Loaders: `ShardedSampler` (resumable mid-epoch), `KnnBatchSampler` (OpenShape's hard negatives),
+  `make_train_loader`, `make_eval_loader` (every sample on exactly one rank).
 
-- Training (`TrainTriplets`): a split JSON lists shapes, each a per-shape `.npy` holding a pickled dict with
-  points (xyz stored y-up, rgb in [0, 1]) and precomputed CLIP ViT-bigG-14 features of 12 rendered views (plus
-  a thumbnail for Objaverse) and of several texts. One sample = 10,000 points [xyz, rgb] after OpenShape's
-  preprocessing (swap y/z, centre, divide by the max norm, augment), 4 distinct view features (TAMM; the
-  thumbnail + 3 views when there is a thumbnail) and one text feature picked as OpenShape does (name text,
-  a BLIP or MSFT caption, a retrieved text; `prompt_avg` features except `original` for retrieved texts;
-  Objaverse names flagged "N" by the GPT-4 filter are dropped).
-- Evaluation (`load_benchmarks`): ModelNet40, Objaverse-LVIS, ScanObjectNN and a `val` set in the ModelNet40
-  layout, with their class-name text features; TAMM takes the first N points, no augmentation.
-- Loaders: `ShardedSampler` (DistributedSampler-like, resumable mid-epoch), `KnnBatchSampler` (OpenShape's hard
-  negatives from `point_feat_knn.npy`), `make_train_loader`, `make_eval_loader` (every sample on one rank).
-- `python data.py download`: fetches the release (~205 GB) from the Hugging Face dataset.
+Data root: the folder holding `meta_data/` in OpenShape's layout or TAMM's (`meta_data/Pre-Training/split/...`,
+`meta_data/Zero-Shot/...`). Split files store absolute paths that start with /mnt/data: that prefix becomes
+the root (OpenShape) or root/data (TAMM's configs map it to the folder `data` beside meta_data).
 
-Data root: the folder holding `meta_data/` (OpenShape layout, or TAMM's `meta_data/Pre-Training/split/...` and
-`meta_data/Zero-Shot/...`) and the unpacked archives. The split files store absolute paths that start with
-`/mnt/data`; that prefix is replaced by the root (`path_prefix` to change it).
+Randomness: every random choice for sample i in epoch e comes from np.random.default_rng([seed, e, i]), never
+from global RNGs, so a batch does not depend on the worker count and a resumed run sees the same data.
+Security: the release's .npy files are pickles (np.load(allow_pickle=True)): loading one can run arbitrary code.
+Only read files from a source you trust (the official Hugging Face dataset).
 
-Randomness: every random choice for sample i in epoch e comes from `np.random.default_rng([seed, e, i])`, never
-from global RNGs, so a batch does not depend on the number of workers and a resumed run sees the same data.
-
-Security: the release's `.npy` files are Python pickles (`np.load(..., allow_pickle=True)`): loading one can run
-arbitrary code. Only read files from a source you trust (the official Hugging Face dataset).
-
-    python data.py download --out /data/openshape --only meta_data              # 1 archive, to look around
-    python data.py download --out /data/openshape --unpack                      # everything, resumable
     python -c "import data; d = data.TrainTriplets('/data/openshape'); print(len(d), d[0]['points'].shape)"
 """
-import argparse
-import fnmatch
-import importlib
 import json
 import math
 import os
-import shutil
-import tarfile
 import warnings
-import zipfile
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
-from tqdm import tqdm
 
-from utils import BadInput, check_writable, hub_offline, hub_reachable, run_cli
+from training import BadInput
 
-# ---- defaults: the official stage-2 config (OpenShape train.yaml, TAMM pointbert.yaml) ------------------------
-CLIP_DIM = 1280               # OpenCLIP ViT-bigG-14 feature width (tamm-facts.md 1)
+# ---- defaults: the official stage-2 config (OpenShape src/configs/train.yaml, TAMM configs/Pre-Training/pointbert.yaml)
+CLIP_DIM = 1280               # OpenCLIP ViT-bigG-14 feature width
 NUM_POINTS = 10000            # dataset.num_points
-NUM_VIEWS = 4                 # TAMM: 4 image views per shape and step
+NUM_VIEWS = 4                 # TAMM: dataset.num_imgs
 RGB_DROP_PROB = 0.5           # dataset.rgb_random_drop_prob
-GREY = 0.4                    # colour of dropped rgb, and ScanObjectNN's missing rgb (OpenShape)
-TEXT_PROMPT = "prompt_avg"    # dataset.use_prompt_engineering: True (retrieved texts always use "original")
-TEXT_SOURCES = ("text", "caption", "retrieval_text")    # dataset.text_source
+GREY = 0.4                    # colour of dropped rgb and of colourless points (OpenShape and TAMM data.py)
+TEXT_PROMPT = "prompt_avg"    # dataset.use_prompt_engineering (retrieved texts always use "original")
+TEXT_SOURCES = ("text", "caption", "retrieval_text")    # dataset.text_source of stage 2
 AUGMENTATIONS = ("dropout", "scale", "shift", "rotate_small", "rotate_z")  # augment_pc + random_z_rotate
 PATH_PREFIX = "/mnt/data"     # prefix of every data_path in the released split files
-MAX_DROPOUT = 0.875           # PointNet++ random_point_dropout, used by OpenShape's augment_pc
-SCALE_RANGE = (0.8, 1.25)     # random_scale_point_cloud
-SHIFT_RANGE = 0.1             # shift_point_cloud
-ROT_SIGMA, ROT_CLIP = 0.06, 0.18   # rotate_perturbation_point_cloud (radians)
-KNN_NEIGHBORS = 31            # OpenShape picks hard negatives among a seed's 31 nearest neighbours
-KNN_GROUP_SIZE = 4            # our default: OpenShape's config ships hard negatives switched off (size 1)
-
+MAX_DROPOUT, SCALE_RANGE, SHIFT_RANGE = 0.875, (0.8, 1.25), 0.1   # PointNet++ augmentations in OpenShape utils/data.py
+ROT_SIGMA, ROT_CLIP = 0.06, 0.18                                  # rotate_perturbation_point_cloud (radians)
+KNN_NEIGHBORS, KNN_GROUP_SIZE = 31, 4  # hard negatives among a seed's 31 neighbours; the configs ship size 1 (off)
+MAX_STAND_INS = 100           # a broken shape is replaced by one of the next shapes that loads
 # ScanObjectNN labels index this fixed list (OpenShape hard-codes it), not the order of the feature file.
 SCANOBJECTNN_CLASSES = ["bag", "bin", "box", "cabinet", "chair", "desk", "display", "door", "shelf", "table",
                         "bed", "pillow", "sink", "sofa", "toilet"]
 
-# Where files may live under the root: the OpenShape layout first, then TAMM's.
+# Where each file may live under the root: OpenShape's layout first, then TAMM's (configs/Pre-Training/pointbert.yaml).
 SPLIT_DIRS = ("meta_data/split", "meta_data/Pre-Training/split")
 GPT4_FILTER = ("meta_data/gpt4_filtering.json", "meta_data/Pre-Training/gpt4_filtering.json")
 KNN_FILE = ("meta_data/point_feat_knn.npy", "meta_data/Pre-Training/point_feat_knn.npy")
 BENCHMARK_DIRS = {"modelnet40": ("meta_data/modelnet40", "meta_data/Zero-Shot/modelnet40"),
-                  "scanobjectnn": ("meta_data/scanobjectnn", "meta_data/Zero-Shot/scanobjectnn"),
-                  "val": ("meta_data/val",)}
-LVIS_SPLIT = ("meta_data/split/lvis.json", "meta_data/Pre-Training/split/lvis.json",
-              "meta_data/Zero-Shot/split/lvis.json", "meta_data/Zero-Shot/lvis.json")
-LVIS_FEAT = ("meta_data/lvis_cat_name_pt_feat.npy", "meta_data/Zero-Shot/lvis_cat_name_pt_feat.npy")
-
-HF_DATASET = "OpenShape/openshape-training-data"
-DOWNLOAD_PARTS = {"meta_data": "meta_data.zip", "shapenet": "ShapeNet.tar.gz", "objaverse": "Objaverse/*",
-                  "3d-future": "3D-FUTURE.tar.gz", "abo": "ABO.tar.gz"}
+                  "scanobjectnn": ("meta_data/scanobjectnn", "meta_data/Zero-Shot/scanobjectnn"), "val": ("meta_data/val",)}
+LVIS_SPLIT = ("meta_data/split/lvis.json", "meta_data/Pre-Training/split/lvis.json")
+LVIS_FEAT = ("meta_data/lvis_cat_name_pt_feat.npy", "meta_data/Zero-Shot/LVIS/lvis_cat_name_pt_feat.npy")
 
 
 # ---- reading files -----------------------------------------------------------------------------------------
 
 def find_file(root, candidates):
     """The first of `candidates` (paths relative to root) that exists, else None."""
-    for rel in candidates:
-        if os.path.exists(os.path.join(root, rel)):
-            return os.path.join(root, rel)
-    return None
+    return next((os.path.join(root, r) for r in candidates if os.path.exists(os.path.join(root, r))), None)
 
 
 def map_path(data_path, root, prefix=PATH_PREFIX):
-    """Replace the release's absolute `prefix` (/mnt/data) of a split entry's data_path by the data root."""
+    """Replace the release's absolute `prefix` (/mnt/data) of a split entry's data_path by `root`."""
     if prefix and (data_path + "/").startswith(prefix.rstrip("/") + "/"):
         return os.path.join(root, data_path[len(prefix):].lstrip("/"))
     return data_path if os.path.isabs(data_path) else os.path.join(root, data_path)
+
+
+def shape_paths(entries, root, prefix=PATH_PREFIX):
+    """Every entry's file: /mnt/data -> root, or -> root/data where the shapes are there (TAMM's layout)."""
+    base = root
+    if entries and not os.path.exists(map_path(entries[0]["data_path"], root, prefix)) \
+            and os.path.exists(map_path(entries[0]["data_path"], os.path.join(root, "data"), prefix)):
+        base = os.path.join(root, "data")
+    return [map_path(e["data_path"], base, prefix) for e in entries]
 
 
 def load_json(path):
@@ -129,33 +109,25 @@ def load_npy(path, item=False):
         raise BadInput(f"{path}: file not found") from None
     except Exception as e:  # unpickling a damaged file can raise almost anything
         raise BadInput(f"{path}: cannot read ({type(e).__name__}); truncated or not a .npy file") from None
-    if not item:
-        return arr
-    if arr.shape != () or not isinstance(arr.item(), dict):
+    if item and (arr.shape != () or not isinstance(arr.item(), dict)):
         found = type(arr.item()).__name__ if arr.shape == () else f"an array of shape {arr.shape}"
         raise BadInput(f"{path}: expected a pickled dict, found {found}")
-    return arr.item()
+    return arr.item() if item else arr
 
 
-def _feature_arrays(shape):
-    """(name, array) for every CLIP feature stored in a per-shape dict."""
-    for key in ("image_feat", "thumbnail_feat"):
-        if key in shape:
-            yield key, shape[key]
-    for key in ("text_feat", "retrieval_text_feat"):
-        for k, variants in enumerate(shape.get(key, [])):
-            for variant, feat in variants.items():
-                yield f"{key}[{k}][{variant}]", feat
-    for key in ("blip_caption_feat", "msft_caption_feat"):
-        for variant, feat in shape.get(key, {}).items():
-            yield f"{key}[{variant}]", feat
+def save_npy(path, obj):
+    """np.save in the release's format (pickles allowed), into a temp name renamed into place: a reader (or a
+    killed writer) never leaves half a file. The folder is made if needed."""
+    path = str(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(tmp := f"{path}.tmp-{os.getpid()}", "wb") as f:
+        np.save(f, obj, allow_pickle=True)
+    os.replace(tmp, path)
 
 
 def check_shape(shape, path, clip_dim=CLIP_DIM, min_views=0):
-    """Raise BadInput naming `path` unless `shape` is a usable per-shape dict of the release format.
-
-    Checks: a dict with `xyz` (N, 3) and `rgb` (N, 3), all finite; every stored CLIP feature `clip_dim` wide;
-    with `min_views` > 0 also `image_feat` with at least that many views."""
+    """BadInput naming `path` unless `shape` is a usable per-shape dict: finite `xyz` (N, 3) and `rgb` (N, 3),
+    every stored CLIP feature `clip_dim` wide, with `min_views` > 0 at least that many `image_feat` views."""
     if not isinstance(shape, dict):
         raise BadInput(f"{path}: expected a dict, found {type(shape).__name__}")
     for key in ("xyz", "rgb", "image_feat") if min_views else ("xyz", "rgb"):
@@ -170,29 +142,31 @@ def check_shape(shape, path, clip_dim=CLIP_DIM, min_views=0):
         if not np.isfinite(arr).all():
             raise BadInput(f"{path}: {key} contains NaN or inf")
     try:
-        for name, feat in _feature_arrays(shape):
-            if np.ndim(feat) == 0 or np.shape(feat)[-1] != clip_dim:
-                raise BadInput(f"{path}: {name} has shape {np.shape(feat)}, expected CLIP width {clip_dim}")
+        feats = [(k, shape[k]) for k in ("image_feat", "thumbnail_feat") if k in shape]
+        feats += [(f"{k}[{j}][{v}]", f) for k in ("text_feat", "retrieval_text_feat")
+                  for j, variants in enumerate(shape.get(k, [])) for v, f in variants.items()]
+        feats += [(f"{k}[{v}]", f) for k in ("blip_caption_feat", "msft_caption_feat") for v, f in shape.get(k, {}).items()]
     except (AttributeError, TypeError) as e:
         raise BadInput(f"{path}: text features are not laid out as in the release ({e})") from None
+    for name, f in feats:
+        if np.ndim(f) == 0 or np.shape(f)[-1] != clip_dim:
+            raise BadInput(f"{path}: {name} has shape {np.shape(f)}, expected CLIP width {clip_dim}")
     if min_views and (np.ndim(shape["image_feat"]) != 2 or len(shape["image_feat"]) < min_views):
         raise BadInput(f"{path}: image_feat has shape {np.shape(shape['image_feat'])}, need {min_views} views")
 
 
-# ---- point preprocessing (tamm-facts.md 5) -------------------------------------------------------------------
+# ---- point preprocessing (OpenShape src/data.py and utils/data.py) ----------------------------------------------
 
 def choose_points(n, num_points, rng, first=False):
-    """Indices of `num_points` of `n` stored points: the first ones (TAMM evaluation) or a random subset.
-
-    With fewer stored points than requested, all of them are kept and the rest is drawn with replacement."""
-    if n >= num_points:
-        return np.arange(num_points) if first else rng.permutation(n)[:num_points]
+    """Indices of `num_points` of `n` stored points: the first ones (TAMM's evaluation) or a random subset;
+    all of them when num_points is None. Fewer stored than asked: all, then the rest drawn with replacement."""
+    num_points = num_points or n
     base = np.arange(n) if first else rng.permutation(n)
-    return np.concatenate([base, rng.integers(0, n, num_points - n)])
+    return base[:num_points] if n >= num_points else np.concatenate([base, rng.integers(0, n, num_points - n)])
 
 
 def normalize(xyz):
-    """Swap y/z (the release is y-up, the model z-up), centre, and divide by the largest norm (OpenShape)."""
+    """Swap y/z (the release is y-up, the model z-up), centre, and divide by the largest norm."""
     xyz = xyz[:, [0, 2, 1]]
     xyz = xyz - xyz.mean(axis=0)
     scale = np.linalg.norm(xyz, axis=1).max()
@@ -205,7 +179,7 @@ def _rot_z(a):
 
 
 def augment_points(xyz, rng, ops=AUGMENTATIONS):
-    """OpenShape's training augmentation, in its order: PointNet++ augment_pc, then a random turn about z."""
+    """OpenShape's training augmentation, in its order: PointNet++'s augment_pc, then a random turn about z."""
     if "dropout" in ops:  # dropped points collapse onto the first point, so the count stays fixed
         drop = rng.random(len(xyz)) <= rng.random() * MAX_DROPOUT
         xyz[drop] = xyz[0]
@@ -244,18 +218,18 @@ def check_root(root):
 class TrainTriplets(Dataset):
     """(points, image-view features, text feature) of every shape in a split, as OpenShape/TAMM train on them.
 
-    `__getitem__(i)` -> {"points" (N, 6) [xyz, rgb], "image_feat" (V, D), "text_feat" (D,), "has_text", "index"},
-    or None for a broken file when not `strict` (a warning names it once; `collate_train` drops and counts it)."""
+    `ds[i]` -> {"points" (N, 6) [xyz, rgb], "image_feat" (V, D), "text_feat" (D,), "has_text", "valid", "index"}.
+    A broken file stops a `strict` dataset (BadInput naming it); otherwise a warning names it once and the next
+    shape that loads stands in with valid=False, so the batch keeps its size and the loss leaves it out."""
 
     def __init__(self, root, split="train_all", num_points=NUM_POINTS, num_views=NUM_VIEWS, augment=True,
-                 rgb_drop_prob=RGB_DROP_PROB, text_prompt=TEXT_PROMPT, use_gpt4_filter=True,
-                 path_prefix=PATH_PREFIX, clip_dim=CLIP_DIM, seed=0, strict=False,
-                 augmentations=AUGMENTATIONS, text_sources=TEXT_SOURCES):
+                 rgb_drop_prob=RGB_DROP_PROB, text_prompt=TEXT_PROMPT, use_gpt4_filter=True, path_prefix=PATH_PREFIX,
+                 clip_dim=CLIP_DIM, seed=0, strict=False, augmentations=AUGMENTATIONS, text_sources=TEXT_SOURCES):
         check_root(root)
         self.split_path = resolve_split(root, split)
         entries = load_entries(self.split_path, ["data_path"])
         self.ids = [e.get("id", str(k)) for k, e in enumerate(entries)]
-        self.paths = [map_path(e["data_path"], root, path_prefix) for e in entries]
+        self.paths = shape_paths(entries, root, path_prefix)
         self.is_objaverse = [e.get("dataset") == "Objaverse" for e in entries]
         self.flagged = set()  # Objaverse uids whose name text the GPT-4 filter rejected
         if use_gpt4_filter and "text" in text_sources and any(self.is_objaverse):
@@ -265,11 +239,9 @@ class TrainTriplets(Dataset):
                 raise BadInput(f"{path}: expected {{uid: {{'flag': 'Y' or 'N', ...}}}}")
             self.flagged = {uid for uid, v in flags.items() if v.get("flag") == "N"}
         self.num_points, self.num_views, self.clip_dim = num_points, num_views, clip_dim
-        self.augmentations = augmentations if augment else ()
-        self.rgb_drop_prob = rgb_drop_prob if augment else 0.0
+        self.augmentations, self.rgb_drop_prob = (augmentations, rgb_drop_prob) if augment else ((), 0.0)
         self.text_prompt, self.text_sources = text_prompt, text_sources
-        self.seed, self.epoch, self.strict = seed, 0, strict
-        self._warned = set()
+        self.seed, self.epoch, self.strict, self._warned = seed, 0, strict, set()
 
     def __len__(self):
         return len(self.paths)
@@ -278,37 +250,35 @@ class TrainTriplets(Dataset):
         self.epoch = epoch
 
     def __getitem__(self, i):
-        try:
-            return self._read(i)
-        except BadInput as e:
-            if self.strict:
-                raise
-            if self.paths[i] not in self._warned:
-                self._warned.add(self.paths[i])
-                warnings.warn(f"skipping broken shape: {e}")
-            return None
+        for j in range(i, i + MAX_STAND_INS):
+            try:
+                return {**self._read(j % len(self)), "valid": torch.tensor(j == i), "index": i}
+            except BadInput as e:
+                if self.strict:
+                    raise
+                if self.paths[j % len(self)] not in self._warned:
+                    self._warned.add(self.paths[j % len(self)])
+                    warnings.warn(f"skipping broken shape: {e}")
+        raise BadInput(f"{self.split_path}: {MAX_STAND_INS} shapes in a row from entry {i} cannot be read")
 
     def _read(self, i):
         path = self.paths[i]
         shape = load_npy(path, item=True)
         thumb_counts = "thumbnail_feat" in shape and self.num_views > 1  # the thumbnail is one of the views
-        check_shape(shape, path, self.clip_dim, min_views=self.num_views - 1 if thumb_counts else self.num_views)
-        try:
-            return self._sample(shape, i, np.random.default_rng([self.seed, self.epoch, i]))
-        except (KeyError, IndexError, TypeError, ValueError) as e:
-            raise BadInput(f"{path}: texts are not laid out as in the release ({type(e).__name__}: {e})") from None
-
-    def _sample(self, shape, i, rng):
+        check_shape(shape, path, self.clip_dim, min_views=self.num_views - thumb_counts)
+        rng = np.random.default_rng([self.seed, self.epoch, i])
         xyz, rgb = np.asarray(shape["xyz"], np.float32), np.asarray(shape["rgb"], np.float32)
         idx = choose_points(len(xyz), self.num_points, rng)
         xyz = augment_points(normalize(xyz[idx]), rng, self.augmentations)
         rgb = np.full((len(idx), 3), GREY, np.float32) if rng.random() < self.rgb_drop_prob else rgb[idx]
-        text = self._pick_text(shape, self.ids[i], self.is_objaverse[i], rng)
+        try:
+            text = self._pick_text(shape, self.ids[i], self.is_objaverse[i], rng)
+        except (KeyError, IndexError, TypeError, ValueError) as e:
+            raise BadInput(f"{path}: texts are not laid out as in the release ({type(e).__name__}: {e})") from None
         return {"points": torch.from_numpy(np.concatenate([xyz, rgb], 1).astype(np.float32)),
                 "image_feat": torch.from_numpy(self._pick_views(shape, rng)),
                 "text_feat": torch.zeros(self.clip_dim) if text is None else torch.from_numpy(text),
-                "has_text": torch.tensor(text is not None),
-                "index": i}
+                "has_text": torch.tensor(text is not None)}
 
     def _pick_views(self, shape, rng):
         """TAMM: `num_views` distinct views; a shape with a thumbnail (Objaverse) always contributes it."""
@@ -322,8 +292,7 @@ class TrainTriplets(Dataset):
 
     def _pick_text(self, shape, uid, objaverse, rng):
         """OpenShape: one candidate per source (name text, BLIP or MSFT caption, retrieved text), then one of them."""
-        found = []
-        texts = shape.get("text", [])
+        found, texts = [], shape.get("text", [])
         if "text" in self.text_sources and len(texts) > 0:
             if not objaverse:
                 found.append(shape["text_feat"][rng.integers(len(texts))][self.text_prompt])
@@ -336,38 +305,18 @@ class TrainTriplets(Dataset):
         retrieved = shape.get("retrieval_text", [])
         if "retrieval_text" in self.text_sources and len(retrieved) > 0:
             found.append(shape["retrieval_text_feat"][rng.integers(len(retrieved))]["original"])
-        if not found:
-            return None
-        return np.asarray(found[rng.integers(len(found))], np.float32).reshape(-1)
-
-
-def collate_train(batch):
-    """Stack a batch, keeping its size: broken shapes (None) are replaced by repeats of loaded ones, marked
-    False in `valid` so the loss leaves them out, and counted in `num_skipped`.
-
-    Keeping the size matters under DDP: every rank must gather features of the same length. An all-broken
-    batch has 0 rows (the training loop skips that step on every rank)."""
-    good = [b for b in batch if b is not None]
-    if not good:
-        return {"points": torch.empty(0, 0, 6), "image_feat": torch.empty(0, 0, 0), "text_feat": torch.empty(0, 0),
-                "has_text": torch.empty(0, dtype=torch.bool), "index": torch.empty(0, dtype=torch.long),
-                "valid": torch.empty(0, dtype=torch.bool), "num_skipped": len(batch)}
-    filled = good + [good[k % len(good)] for k in range(len(batch) - len(good))]
-    out = {k: torch.stack([b[k] for b in filled]) for k in ("points", "image_feat", "text_feat", "has_text")}
-    out["index"] = torch.tensor([b["index"] for b in filled], dtype=torch.long)
-    out["valid"] = torch.arange(len(batch)) < len(good)
-    out["num_skipped"] = len(batch) - len(good)
-    return out
+        return np.asarray(found[rng.integers(len(found))], np.float32).reshape(-1) if found else None
 
 
 # ---- samplers and loaders ------------------------------------------------------------------------------------
 
-class _EpochSampler(Sampler):
-    """What both training samplers share: an epoch that also reaches the dataset, and a resume point."""
+class ShardedSampler(Sampler):
+    """DistributedSampler for training: a (seed, epoch) shuffle cut to a multiple of world_size (drop_last); rank r
+    takes every world_size-th index. `skip(n)`: this rank already consumed the first n samples of the epoch."""
 
-    def __init__(self, dataset, rank, world_size, seed):
-        self.dataset, self.rank, self.world_size, self.seed = dataset, rank, world_size, seed
-        self.epoch, self.start = 0, 0
+    def __init__(self, dataset, rank=0, world_size=1, seed=0, shuffle=True):
+        self.dataset, self.rank, self.world_size, self.seed, self.shuffle = dataset, rank, world_size, seed, shuffle
+        self.epoch, self.start, self.num_samples = 0, 0, len(dataset) // world_size
 
     def set_epoch(self, epoch):
         """Start epoch `epoch` from its beginning; the dataset's augmentation follows the same epoch."""
@@ -376,48 +325,35 @@ class _EpochSampler(Sampler):
             self.dataset.set_epoch(epoch)
 
     def skip(self, n):
-        """Resume mid-epoch: this rank already consumed the first `n` samples of the epoch (steps * batch size)."""
         self.start = n
-
-
-class ShardedSampler(_EpochSampler):
-    """DistributedSampler for training: a (seed, epoch) shuffle, cut to a multiple of world_size (drop_last),
-    rank r takes every world_size-th index, starting after `start` (see `skip`)."""
-
-    def __init__(self, dataset, rank=0, world_size=1, seed=0, shuffle=True):
-        super().__init__(dataset, rank, world_size, seed)
-        self.shuffle, self.num_samples = shuffle, len(dataset) // world_size
 
     def __iter__(self):
         n = len(self.dataset)
         order = np.random.default_rng([self.seed, self.epoch]).permutation(n) if self.shuffle else np.arange(n)
-        mine = order[: self.num_samples * self.world_size][self.rank::self.world_size]
-        return iter(mine[self.start:].tolist())
+        return iter(order[: self.num_samples * self.world_size][self.rank::self.world_size][self.start:].tolist())
 
     def __len__(self):
         return max(0, self.num_samples - self.start)
 
 
-class KnnBatchSampler(_EpochSampler):
-    """OpenShape's hard negatives: each batch is batch_size / group_size seed shapes, each with group_size - 1
-    shapes drawn among its `num_neighbors` nearest neighbours in point-feature space (point_feat_knn.npy).
+class KnnBatchSampler(ShardedSampler):
+    """OpenShape's hard negatives (meta_data/point_feat_knn.npy): a batch is batch_size / group_size seed shapes,
+    each with group_size - 1 shapes among its `num_neighbors` nearest neighbours in point-feature space.
 
-    An epoch has len(dataset) / group_size seeds (as in OpenShape) in a (seed, epoch) shuffle; batches are dealt
-    to ranks in turn, the remainder dropped. Neighbours outside the split are passed over; if too few remain the
-    group is filled with random shapes. `skip(n)` counts samples, like ShardedSampler."""
+    An epoch has len(dataset) / group_size seeds in a (seed, epoch) shuffle; batches are dealt to ranks in turn.
+    Neighbours outside the split are passed over, and a group short of them is filled with random shapes."""
 
     def __init__(self, dataset, batch_size, knn_path, group_size=KNN_GROUP_SIZE, num_neighbors=KNN_NEIGHBORS,
                  rank=0, world_size=1, seed=0):
         super().__init__(dataset, rank, world_size, seed)
         if batch_size % group_size:
             raise BadInput(f"--batch-size {batch_size} is not a multiple of the knn group size {group_size}")
-        knn = load_npy(knn_path, item=True)
-        if not {"name", "index"} <= knn.keys():
+        self.knn = load_npy(knn_path, item=True)
+        if not {"name", "index"} <= self.knn.keys():
             raise BadInput(f"{knn_path}: expected a dict with 'name' and 'index'")
-        self.knn, self.batch_size, self.group_size, self.num_neighbors = knn, batch_size, group_size, num_neighbors
+        self.batch_size, self.group_size, self.num_neighbors = batch_size, group_size, num_neighbors
         self.uid_to_index = {uid: k for k, uid in enumerate(dataset.ids)}
-        seeds_per_batch = batch_size // group_size
-        self.num_batches = (len(dataset) // group_size // seeds_per_batch) // world_size
+        self.num_batches = len(dataset) // batch_size // world_size
 
     def _group(self, seed_index, rng):
         neighbours = self.knn["index"].get(self.dataset.ids[seed_index], [])[1:self.num_neighbors + 1]  # [0] = self
@@ -426,17 +362,12 @@ class KnnBatchSampler(_EpochSampler):
         return group + rng.integers(0, len(self.dataset), self.group_size - len(group)).tolist()
 
     def __iter__(self):
-        n = len(self.dataset)
         rng = np.random.default_rng([self.seed, self.epoch])
-        seeds = rng.permutation(n)[: n // self.group_size]
-        per_batch = self.batch_size // self.group_size
-        my_batches = range(self.rank, self.num_batches * self.world_size, self.world_size)
-        batches = []
-        for b in range(self.num_batches * self.world_size):  # every rank builds all, so rng draws stay in step
-            batch = [k for s in seeds[b * per_batch:(b + 1) * per_batch] for k in self._group(int(s), rng)]
-            if b in my_batches:
-                batches.append(batch)
-        return iter(batches[self.start // self.batch_size:])
+        seeds, per_batch = rng.permutation(len(self.dataset))[: len(self.dataset) // self.group_size], self.batch_size // self.group_size
+        # every rank builds every batch, so the rng draws stay in step; rank r keeps batches r, r + world, ...
+        batches = [[k for s in seeds[b * per_batch:(b + 1) * per_batch] for k in self._group(int(s), rng)]
+                   for b in range(self.num_batches * self.world_size)]
+        return iter(batches[self.rank::self.world_size][self.start // self.batch_size:])
 
     def __len__(self):
         return max(0, self.num_batches - self.start // self.batch_size)
@@ -444,16 +375,12 @@ class KnnBatchSampler(_EpochSampler):
 
 def make_train_loader(dataset, batch_size, rank=0, world_size=1, seed=0, workers=0, knn=None,
                       knn_group_size=KNN_GROUP_SIZE):
-    """(loader, sampler) for training: drop_last batches of `collate_train`; `knn` = path of point_feat_knn.npy
-    switches on hard-negative batches. Call `sampler.set_epoch(e)` before each epoch."""
-    # own generator: DataLoader otherwise draws its worker seed from the global RNG at every epoch, which would
-    # make the model's dropout stream depend on when an epoch's iterator was created (breaks exact resume)
-    common = dict(num_workers=workers, collate_fn=collate_train, pin_memory=torch.cuda.is_available(),
-                  generator=torch.Generator().manual_seed(seed),
-                  persistent_workers=False)  # fresh workers each epoch pick up the dataset's new epoch
+    """(loader, sampler) of drop_last training batches; `knn` = path of point_feat_knn.npy for hard negatives."""
+    # its own generator: DataLoader would otherwise draw worker seeds from the global RNG at every epoch, which
+    # would make the model's dropout stream depend on when an epoch's iterator was created (breaks exact resume)
+    common = dict(num_workers=workers, pin_memory=torch.cuda.is_available(), generator=torch.Generator().manual_seed(seed))
     if knn:
-        sampler = KnnBatchSampler(dataset, batch_size, knn, knn_group_size, rank=rank, world_size=world_size,
-                                  seed=seed)
+        sampler = KnnBatchSampler(dataset, batch_size, knn, knn_group_size, rank=rank, world_size=world_size, seed=seed)
         loader = DataLoader(dataset, batch_sampler=sampler, **common)
     else:
         sampler = ShardedSampler(dataset, rank, world_size, seed)
@@ -464,7 +391,9 @@ def make_train_loader(dataset, batch_size, rank=0, world_size=1, seed=0, workers
     return loader, sampler
 
 
-class _WithIndex(Dataset):
+class _Indexed(Dataset):
+    """ds[i] + (i,): evaluation gathers the indices with the features, to count every sample exactly once."""
+
     def __init__(self, dataset):
         self.dataset = dataset
 
@@ -476,40 +405,21 @@ class _WithIndex(Dataset):
 
 
 def make_eval_loader(dataset, batch_size, rank=0, world_size=1, workers=0):
-    """Batches of (points, labels, global indices) over samples rank, rank + world, ...: every sample is seen by
-    exactly one rank and none is padded or repeated (unlike DistributedSampler), so gathered counts are exact."""
-    return DataLoader(_WithIndex(dataset), batch_size=batch_size, sampler=range(rank, len(dataset), world_size),
-                      num_workers=workers, pin_memory=torch.cuda.is_available(), persistent_workers=False)
+    """Batches of (points, labels, indices) over samples rank, rank + world, ...: each sample on exactly one rank,
+    none padded or repeated (unlike DistributedSampler), so gathered counts are exact."""
+    return DataLoader(_Indexed(dataset), batch_size=batch_size, sampler=range(rank, len(dataset), world_size),
+                      num_workers=workers, pin_memory=torch.cuda.is_available())
 
 
 # ---- zero-shot benchmarks ------------------------------------------------------------------------------------
 
-class _Clouds:
-    """Lazy (xyz, rgb in [0, 1]) access to in-memory point arrays, or to per-shape files when `paths` is given."""
-
-    def __init__(self, xyz=None, rgb=None, rgb_scale=1.0, paths=None, clip_dim=CLIP_DIM):
-        self.xyz, self.rgb, self.rgb_scale, self.paths, self.clip_dim = xyz, rgb, rgb_scale, paths, clip_dim
-
-    def __len__(self):
-        return len(self.paths if self.paths is not None else self.xyz)
-
-    def __getitem__(self, i):
-        if self.paths is not None:
-            shape = load_npy(self.paths[i], item=True)
-            check_shape(shape, self.paths[i], self.clip_dim)
-            return np.asarray(shape["xyz"], np.float32), np.asarray(shape["rgb"], np.float32)
-        xyz = np.asarray(self.xyz[i], np.float32)
-        if self.rgb is None:
-            return xyz, np.full_like(xyz, GREY)
-        return xyz, np.asarray(self.rgb[i], np.float32) * self.rgb_scale
-
-
 class ZeroShotSet(Dataset):
-    """One evaluation benchmark: items (points (N, 6) [xyz, rgb], label); `class_feat` (C, D) text features of
-    `class_names`. TAMM's evaluation: the first N points, swap y/z, normalise, no augmentation."""
+    """One benchmark: items (points (N, 6) [xyz, rgb], label); `class_feat` (C, D) text features of `class_names`.
+    `load(i)` -> (xyz, rgb in [0, 1]). TAMM's evaluation takes the first N points (`order="first"`; N None: all
+    stored points); OpenShape's loaders permute them first (`order="permuted"`, seeded by the index)."""
 
-    def __init__(self, name, class_names, class_feat, labels, clouds, num_points=NUM_POINTS):
-        self.name, self.class_names, self.clouds, self.num_points = name, list(class_names), clouds, num_points
+    def __init__(self, name, class_names, class_feat, labels, load, num_points=NUM_POINTS, order="first"):
+        self.name, self.class_names, self.load, self.num_points, self.order = name, list(class_names), load, num_points, order
         self.class_feat = torch.as_tensor(np.asarray(class_feat, np.float32))
         self.labels = [int(v) for v in labels]
 
@@ -517,8 +427,8 @@ class ZeroShotSet(Dataset):
         return len(self.labels)
 
     def __getitem__(self, i):
-        xyz, rgb = self.clouds[i]
-        idx = choose_points(len(xyz), self.num_points, np.random.default_rng(i), first=True)
+        xyz, rgb = self.load(i)
+        idx = choose_points(len(xyz), self.num_points, np.random.default_rng(i), first=self.order == "first")
         return torch.from_numpy(np.concatenate([normalize(xyz[idx]), rgb[idx]], 1).astype(np.float32)), self.labels[i]
 
 
@@ -526,9 +436,8 @@ def _class_feats(path, clip_dim, names=None):
     """cat_name_pt_feat.npy -> (names, (C, D)); class order = dict order unless `names` fixes it."""
     feats = load_npy(path, item=True)
     names = list(feats) if names is None else names
-    missing = [n for n in names if n not in feats]
-    if missing:
-        raise BadInput(f"{path}: no feature for classes {missing[:5]}")
+    if any(n not in feats for n in names):
+        raise BadInput(f"{path}: no feature for classes {[n for n in names if n not in feats][:5]}")
     try:
         mat = np.concatenate([np.asarray(feats[n]["open_clip_text_feat"], np.float32).reshape(1, -1) for n in names])
     except (KeyError, TypeError, ValueError):
@@ -540,15 +449,14 @@ def _class_feats(path, clip_dim, names=None):
 
 def _need(folder, files):
     """Paths of `files` in a benchmark folder that exists; BadInput naming the first one missing."""
-    paths = [os.path.join(folder, f) for f in files]
-    for p in paths:
+    for p in (paths := [os.path.join(folder, f) for f in files]):
         if not os.path.exists(p):
             raise BadInput(f"{p}: file not found (the benchmark folder {folder} is incomplete)")
     return paths
 
 
-def read_modelnet40(folder, name="modelnet40", num_points=NUM_POINTS, clip_dim=CLIP_DIM):
-    """ModelNet40 layout (also `val`): test_pc.npy (dicts with xyz and rgb on 0-255) + test_split.json."""
+def read_modelnet40(folder, name="modelnet40", clip_dim=CLIP_DIM, **kw):
+    """ModelNet40 layout (also `val`): test_pc.npy (dicts with xyz, rgb on 0-255) + test_split.json + class features."""
     pc_path, split_path, feat_path = _need(folder, ["test_pc.npy", "test_split.json", "cat_name_pt_feat.npy"])
     pcs, split = load_npy(pc_path), load_entries(split_path, ["category"])
     if pcs.ndim != 1 or len(pcs) != len(split):
@@ -556,37 +464,34 @@ def read_modelnet40(folder, name="modelnet40", num_points=NUM_POINTS, clip_dim=C
     for k, pc in enumerate(pcs):
         check_shape(pc, f"{pc_path}[{k}]", clip_dim)
     names, feats = _class_feats(feat_path, clip_dim)
-    index = {n: k for k, n in enumerate(names)}
-    unknown = sorted({e["category"] for e in split} - index.keys())
-    if unknown:
+    if unknown := sorted({e["category"] for e in split} - set(names)):
         raise BadInput(f"{feat_path}: no feature for categories {unknown[:5]} of {split_path}")
-    clouds = _Clouds([pc["xyz"] for pc in pcs], [pc["rgb"] for pc in pcs], rgb_scale=1 / 255)
-    return ZeroShotSet(name, names, feats, [index[e["category"]] for e in split], clouds, num_points)
+    load = lambda i: (np.asarray(pcs[i]["xyz"], np.float32), np.asarray(pcs[i]["rgb"], np.float32) / 255)
+    return ZeroShotSet(name, names, feats, [names.index(e["category"]) for e in split], load, **kw)
 
 
-def read_scanobjectnn(folder, num_points=NUM_POINTS, clip_dim=CLIP_DIM):
-    """ScanObjectNN: xyz_label.npy {"xyz" (M, 2048, 3), "label" (M,), optional "rgb"}; rgb 0.4 when absent."""
+def read_scanobjectnn(folder, clip_dim=CLIP_DIM, **kw):
+    """ScanObjectNN: xyz_label.npy {"xyz" (M, 2048, 3), "label" (M,), optional "rgb"}; grey rgb when absent.
+    TAMM feeds all 2,048 stored points (its num_points, 10,000, is more than there are): so do we."""
     data_path, feat_path = _need(folder, ["xyz_label.npy", "cat_name_pt_feat.npy"])
     data = load_npy(data_path, item=True)
     for key in ("xyz", "label"):
         if key not in data:
             raise BadInput(f"{data_path}: missing '{key}'")
-    xyz = np.asarray(data["xyz"])
-    if xyz.ndim != 3 or xyz.shape[2] != 3 or len(xyz) != len(data["label"]):
-        raise BadInput(f"{data_path}: xyz {xyz.shape} and label {np.shape(data['label'])} do not match")
-    if not np.isfinite(xyz).all():
-        raise BadInput(f"{data_path}: xyz contains NaN or inf")
-    if "rgb" in data and np.shape(data["rgb"]) != xyz.shape:
-        raise BadInput(f"{data_path}: rgb has shape {np.shape(data['rgb'])}, xyz has {xyz.shape}")
+    xyz = np.asarray(data["xyz"], np.float32)
+    if xyz.ndim != 3 or xyz.shape[2] != 3 or len(xyz) != len(data["label"]) or not np.isfinite(xyz).all():
+        raise BadInput(f"{data_path}: xyz {xyz.shape} must be finite (M, N, 3) with one label each ({np.shape(data['label'])})")
+    rgb = np.asarray(data["rgb"], np.float32) if "rgb" in data else np.full_like(xyz, GREY)
+    if rgb.shape != xyz.shape:
+        raise BadInput(f"{data_path}: rgb has shape {rgb.shape}, xyz has {xyz.shape}")
     names, feats = _class_feats(feat_path, clip_dim, SCANOBJECTNN_CLASSES)
-    labels = [int(v) for v in data["label"]]
-    if not all(0 <= v < len(names) for v in labels):
+    if not all(0 <= int(v) < len(names) for v in data["label"]):
         raise BadInput(f"{data_path}: labels outside the {len(names)} ScanObjectNN classes")
-    return ZeroShotSet("scanobjectnn", names, feats, labels, _Clouds(xyz, data.get("rgb")), num_points)
+    return ZeroShotSet("scanobjectnn", names, feats, data["label"], lambda i: (xyz[i], rgb[i]), **{**kw, "num_points": None})
 
 
-def read_lvis(split_path, feat_path, root, num_points=NUM_POINTS, path_prefix=PATH_PREFIX, clip_dim=CLIP_DIM):
-    """Objaverse-LVIS: lvis.json entries {uid, data_path, category}; classes = sorted unique categories, whose
+def read_lvis(split_path, feat_path, root, path_prefix=PATH_PREFIX, clip_dim=CLIP_DIM, **kw):
+    """Objaverse-LVIS: lvis.json {uid, data_path, category}; classes = the sorted unique categories, whose
     features are the rows of lvis_cat_name_pt_feat.npy in that order."""
     split = load_entries(split_path, ["data_path", "category"])
     names = sorted({e["category"] for e in split})
@@ -594,104 +499,34 @@ def read_lvis(split_path, feat_path, root, num_points=NUM_POINTS, path_prefix=PA
     if feats.shape != (len(names), clip_dim):
         raise BadInput(f"{feat_path}: shape {feats.shape}, expected ({len(names)}, {clip_dim}) for the "
                        f"{len(names)} categories of {split_path}")
-    index = {n: k for k, n in enumerate(names)}
-    clouds = _Clouds(paths=[map_path(e["data_path"], root, path_prefix) for e in split], clip_dim=clip_dim)
-    return ZeroShotSet("lvis", names, feats, [index[e["category"]] for e in split], clouds, num_points)
+    paths = shape_paths(split, root, path_prefix)
+
+    def load(i):
+        shape = load_npy(paths[i], item=True)
+        check_shape(shape, paths[i], clip_dim)
+        return np.asarray(shape["xyz"], np.float32), np.asarray(shape["rgb"], np.float32)
+    ds = ZeroShotSet("lvis", names, feats, [names.index(e["category"]) for e in split], load, **kw)
+    ds.paths = paths
+    return ds
 
 
 def load_benchmarks(root, num_points=NUM_POINTS, names=("modelnet40", "lvis", "scanobjectnn"),
-                    path_prefix=PATH_PREFIX, clip_dim=CLIP_DIM):
+                    path_prefix=PATH_PREFIX, clip_dim=CLIP_DIM, order="first"):
     """{name: ZeroShotSet} for every benchmark in `names` whose files are under root (OpenShape or TAMM layout).
-
-    A benchmark that is absent is left out; one that is present but incomplete is a BadInput."""
+    A benchmark that is absent is left out; one that is present but incomplete is BadInput."""
     check_root(root)
-    out = {}
+    kw, out = dict(clip_dim=clip_dim, num_points=num_points, order=order), {}
     for name in names:
         if name == "lvis":
             split_path, feat_path = find_file(root, LVIS_SPLIT), find_file(root, LVIS_FEAT)
-            if split_path or feat_path:
-                if not (split_path and feat_path):
-                    missing = os.path.join(root, (LVIS_FEAT if split_path else LVIS_SPLIT)[0])
-                    raise BadInput(f"{missing}: file not found (needed for the lvis benchmark)")
-                out[name] = read_lvis(split_path, feat_path, root, num_points, path_prefix, clip_dim)
+            if (split_path or feat_path) and not (split_path and feat_path):
+                raise BadInput(f"{os.path.join(root, (LVIS_FEAT if split_path else LVIS_SPLIT)[0])}: file not found "
+                               f"(needed for the lvis benchmark)")
+            if split_path:
+                out[name] = read_lvis(split_path, feat_path, root, path_prefix, **kw)
         elif name in BENCHMARK_DIRS:
-            folder = find_file(root, BENCHMARK_DIRS[name])
-            if folder and name == "scanobjectnn":
-                out[name] = read_scanobjectnn(folder, num_points, clip_dim)
-            elif folder:
-                out[name] = read_modelnet40(folder, name, num_points, clip_dim)
+            if folder := find_file(root, BENCHMARK_DIRS[name]):
+                out[name] = read_scanobjectnn(folder, **kw) if name == "scanobjectnn" else read_modelnet40(folder, name, **kw)
         else:
             raise BadInput(f"unknown benchmark '{name}' (choose from lvis, {', '.join(BENCHMARK_DIRS)})")
     return out
-
-
-# ---- download ------------------------------------------------------------------------------------------------
-
-def _network_errors():
-    """What the hub client raises when the network is down; its HTTP library depends on its version."""
-    from huggingface_hub.errors import HfHubHTTPError
-    errors = [ConnectionError, TimeoutError, HfHubHTTPError]  # ConnectionError covers OfflineModeIsEnabled
-    for module, name in (("httpx", "HTTPError"), ("httpx2", "HTTPError"), ("requests", "RequestException")):
-        try:
-            errors.append(getattr(importlib.import_module(module), name))
-        except ImportError:
-            pass
-    return tuple(errors)
-
-
-def unpack(out, archives):
-    """Extract downloaded .tar.gz/.zip archives into `out` once (a marker under out/.unpacked/ remembers it)."""
-    os.makedirs(os.path.join(out, ".unpacked"), exist_ok=True)
-    for name in tqdm(archives, desc="unpack", unit="archive"):
-        marker = os.path.join(out, ".unpacked", name.replace("/", "_") + ".done")
-        if os.path.exists(marker):
-            continue
-        if name.endswith(".zip"):
-            with zipfile.ZipFile(os.path.join(out, name)) as z:
-                z.extractall(out)
-        else:
-            with tarfile.open(os.path.join(out, name)) as t:
-                t.extractall(out, filter="data")  # refuse absolute paths and links out of `out`
-        open(marker, "w").close()
-
-
-def download(out, parts=tuple(DOWNLOAD_PARTS), do_unpack=False):
-    """Fetch parts of the OpenShape release into `out` (resumable: finished files are kept and skipped)."""
-    from huggingface_hub import HfApi, constants, snapshot_download
-    check_writable(out)
-    patterns = [DOWNLOAD_PARTS[p] for p in parts]
-    if not hub_offline() and not hub_reachable(constants.ENDPOINT):  # fail in seconds, not after retries
-        raise BadInput(f"{HF_DATASET}: cannot download from the Hugging Face Hub (no answer from "
-                       f"{constants.ENDPOINT}); check the network connection")
-    try:
-        info = HfApi().dataset_info(HF_DATASET, files_metadata=True, timeout=30)
-        files = [s for s in info.siblings if any(fnmatch.fnmatch(s.rfilename, p) for p in patterns)]
-        total = sum(s.size or 0 for s in files)
-        free = shutil.disk_usage(out).free
-        print(f"{HF_DATASET}: {len(files)} files, {total / 1e9:.1f} GB to fetch into {out} "
-              f"({free / 1e9:.0f} GB free{'' if free > total else ' - NOT ENOUGH'})")
-        snapshot_download(HF_DATASET, repo_type="dataset", local_dir=out, allow_patterns=patterns)
-    except _network_errors() as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise BadInput(f"{HF_DATASET}: cannot download from the Hugging Face Hub ({reason[:200]}); "
-                       f"check the network connection") from None
-    except OSError as e:  # disk full, permissions
-        raise BadInput(f"{out}: download failed ({e})") from None
-    if do_unpack:
-        unpack(out, sorted(s.rfilename for s in files if s.rfilename.endswith((".zip", ".tar.gz"))))
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(description="OpenShape/TAMM data tools.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    dl = sub.add_parser("download", help=f"fetch the release from the Hugging Face dataset {HF_DATASET}")
-    dl.add_argument("--out", required=True, help="data root to download into (becomes --data of training)")
-    dl.add_argument("--only", nargs="+", choices=list(DOWNLOAD_PARTS), default=list(DOWNLOAD_PARTS),
-                    help="parts to fetch (default: all, about 205 GB)")
-    dl.add_argument("--unpack", action="store_true", help="extract the archives into --out after download")
-    args = parser.parse_args(argv)
-    download(args.out, args.only, args.unpack)
-
-
-if __name__ == "__main__":
-    run_cli(main)

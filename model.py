@@ -1,19 +1,18 @@
 """The point encoder of TAMM/OpenShape ("PointBERT"): a point-patch transformer, plus the stage-2 model.
 
-Paper: TAMM section 3.3 uses the PointBERT-style encoder of OpenShape (tamm-facts.md section 3):
+Paper: TAMM section 3.3 uses the PointBERT-style encoder of OpenShape (OpenShape src/models/ppat.py):
   1. farthest point sampling picks S patch centres; a ball query takes, for each centre, the first k points
      *by index* within radius r (not the k nearest), padding empty slots with the first hit;
   2. a shared PointNet (three 1x1 convs + BN + ReLU) embeds [xyz_j - centre, xyz_j, rgb_j] and max-pools over
      the k neighbours;
   3. the patch feature and the centre xyz are lifted to `dim`, a CLS token is prepended and a pre-norm
      transformer (no positional embedding beyond the centre xyz) runs; the CLS output is the shape feature.
-`TAMM` wraps the encoder, the Dual Adapters (adapters.py) and the shared logit scale in one nn.Module so one
-DDP wrapper covers everything that trains in stage 2. `load_pretrained` reads our checkpoints, the released
-TAMM checkpoints and OpenShape's PointBERT checkpoint.
+`TAMM` wraps the encoder, the Dual Adapters (adapters.py) or OpenShape's single projection, and the shared
+temperature in one nn.Module, so one DDP wrapper covers everything that trains in stage 2. Released weights
+load through checkpoint.py.
 
     python -c "import model; m = model.PointBert(model.CONFIGS[4]); print(sum(p.numel() for p in m.parameters()))"
 """
-import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -21,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from adapters import DualAdapters
-from utils import BadInput
+from loss import clamp_logit_scale_, logit_scale_parameter
 
 
 @dataclass
@@ -38,7 +37,7 @@ class EncoderConfig:
     dim_head: int = 64
 
 
-# The six official sizes (tamm-facts.md section 3 table; scaling 4 is TAMM's and OpenShape's default) and a
+# The six official sizes (OpenShape src/models/ppat.py `make`; scaling 4 is TAMM's and OpenShape's default) and a
 # `tiny` size for CPU demos and tests (1-2k points, a few minutes of training on 2 cores).
 CONFIGS = {
     1: EncoderConfig(dim=256, depth=6, heads=4, mlp_dim=1024, sa_dim=96, num_patches=64, radius=0.4, k=256),
@@ -49,14 +48,6 @@ CONFIGS = {
     6: EncoderConfig(dim=768, depth=24, heads=12, mlp_dim=3072, sa_dim=256, num_patches=512, radius=0.2, k=64),
     "tiny": EncoderConfig(dim=128, depth=2, heads=2, mlp_dim=256, sa_dim=64, num_patches=64, radius=0.3, k=32),
 }
-
-
-def encoder_config(scaling):
-    """CONFIGS lookup that accepts '4' as well as 4 (command-line values arrive as strings)."""
-    key = int(scaling) if str(scaling).isdigit() else scaling
-    if key not in CONFIGS:
-        raise BadInput(f"--scaling {scaling}: unknown size, choose one of {list(CONFIGS)}")
-    return CONFIGS[key]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -72,8 +63,8 @@ def square_distance(src, dst):
 
 @torch.compiler.disable  # a 384-step Python loop: tracing it would unroll it; it runs eagerly under --compile
 @torch.no_grad()
-def farthest_point_sample(xyz, num_samples, random_start=False):
-    """(B, N, 3) -> (B, S) indices. Starts at point 0 (deterministic) unless `random_start`.
+def farthest_point_sample(xyz, num_samples, start=None):
+    """(B, N, 3) -> (B, S) indices. Starts at point 0 (deterministic), or at the (B,) indices `start`.
 
     Same arithmetic as the reference loop, so the same indices, about 8x faster on CPU: coordinates are kept
     planar (B, 3, N) so the squared distance is two vector adds instead of a reduction over a size-3 axis, the
@@ -83,10 +74,7 @@ def farthest_point_sample(xyz, num_samples, random_start=False):
     idx = torch.empty(B, num_samples, dtype=torch.long, device=xyz.device)
     nearest = torch.full((B, N), 1e10, dtype=xyz.dtype, device=xyz.device)
     diff, dist = torch.empty_like(planar), torch.empty_like(nearest)
-    if random_start:
-        farthest = torch.randint(0, N, (B,), device=xyz.device)
-    else:
-        farthest = torch.zeros(B, dtype=torch.long, device=xyz.device)
+    farthest = torch.zeros(B, dtype=torch.long, device=xyz.device) if start is None else start
     for i in range(num_samples):
         idx[:, i] = farthest
         centre = torch.gather(planar, 2, farthest.view(B, 1, 1).expand(B, 3, 1))  # (B, 3, 1)
@@ -114,7 +102,7 @@ def ball_query(xyz, centres, radius, k, max_elements=None):
     out = torch.empty(B, S, k, dtype=torch.long, device=xyz.device)
     if max_elements is None:
         max_elements = 2 ** 21 if xyz.device.type == "cpu" else 2 ** 24
-    chunk = max(1, max_elements // max(1, B * N))
+    chunk = max(8, max_elements // max(1, B * N))  # >= 8: BLAS keeps its FMA kernel (see kernels.py)
     tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False  # TF32's 1e-3 error would move points across the radius
     try:
@@ -144,6 +132,37 @@ def index_points(points, idx):
     return out.view(*idx.shape, points.shape[-1])
 
 
+def group(xyz, feats, num_patches, radius, k, random_start=False, backend="auto"):
+    """FPS + ball query + gather: (B, N, 3), (B, N, C) -> centres (B, S, 3), neighbours (B, S, k, 3 + C) as
+    [xyz_j - centre, feats_j]. backend "torch": the functions above; "triton": kernels.py, one launch each and no
+    host sync (CUDA, or CPU tensors under TRITON_INTERPRET=1); "auto": Triton on CUDA tensors when it imports."""
+    if backend == "auto":
+        backend = "triton" if xyz.is_cuda and xyz.dtype == torch.float32 and _triton() else "torch"
+    B, N, _ = xyz.shape
+    start = torch.randint(0, N, (B,), device=xyz.device) if random_start else None
+    if backend == "triton":
+        import kernels
+        centres = index_points(xyz, kernels.farthest_point_sample(xyz, num_patches, start))      # (B, S, 3)
+        nbr = kernels.ball_query(xyz, centres, radius, k)                                         # (B, S, k)
+        return centres, kernels.group(xyz, feats, centres, nbr)                                 # (B, S, k, 3 + C)
+    centres = index_points(xyz, farthest_point_sample(xyz, num_patches, start))                  # (B, S, 3)
+    nbr = ball_query(xyz, centres, radius, k)                                                     # (B, S, k)
+    return centres, torch.cat([index_points(xyz, nbr) - centres.unsqueeze(2), index_points(feats, nbr)], -1)
+
+
+_TRITON = []
+
+
+def _triton():
+    """Whether kernels.py's Triton path can run; says once when it cannot (the PyTorch path then runs)."""
+    if not _TRITON:
+        import kernels
+        _TRITON.append(kernels.AVAILABLE)
+        if not kernels.AVAILABLE:
+            print("note: Triton is not importable; grouping runs the PyTorch path (~5,000 launches per forward)")
+    return _TRITON[0]
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The encoder
 
@@ -162,15 +181,13 @@ class PatchEmbed(nn.Module):
         self.norms = nn.ModuleList(nn.BatchNorm1d(b) for b in widths[1:])
         self.num_patches, self.radius, self.k = cfg.num_patches, cfg.radius, cfg.k
         self.random_start = False  # the reference starts FPS at a random point; we start at 0 (see README)
+        self.backend = "auto"      # grouping: Triton kernels on CUDA, PyTorch on CPU (see `group`)
 
     def forward(self, xyz, feats):
         # Grouping is index bookkeeping on the fp32 input: autocast off, or its matmul would drop to bf16.
         with torch.autocast(xyz.device.type, enabled=False):
-            centre_idx = farthest_point_sample(xyz, self.num_patches, self.random_start and self.training)
-            centres = index_points(xyz, centre_idx)                                # (B, S, 3)
-            nbr = ball_query(xyz, centres, self.radius, self.k)                    # (B, S, k)
-            local = index_points(xyz, nbr) - centres.unsqueeze(2)                  # (B, S, k, 3)
-            x = torch.cat([local, index_points(feats, nbr)], -1)                              # (B, S, k, 3 + C)
+            centres, x = group(xyz, feats, self.num_patches, self.radius, self.k,
+                               self.random_start and self.training, self.backend)          # (B, S, 3), (B, S, k, 3 + C)
         B, S, k, _ = x.shape
         x = x.view(B * S * k, -1)
         for linear, norm in zip(self.convs, self.norms):
@@ -231,14 +248,15 @@ class PointBert(nn.Module):
 
 
 class TAMM(nn.Module):
-    """Stage-2 model: encoder f + Dual Adapters (IAA, TAA) + one learnable temperature.
+    """Stage-2 model: encoder f + two heads + one learnable temperature, one nn.Module so one DDP wrapper covers
+    everything that trains.
 
-    With `heads="openshape"` the two adapters are replaced by OpenShape's single Linear(dim -> 1280)
-    projection, so OpenShape's released PointBERT can be evaluated by the same code (both branches equal)."""
+    heads="dual": TAMM's Dual Adapters (IAA aligned with images, TAA with text). heads="openshape": OpenShape's
+    single Linear(dim -> 1280) projection aligned with both (the paper's baseline); its two outputs are equal."""
 
-    def __init__(self, cfg, clip_dim=1280, heads="dual", logit_scale_init=14.28, logit_scale_max=100.0):
+    def __init__(self, cfg, clip_dim=1280, heads="dual", logit_scale_max=100.0):
         super().__init__()
-        self.cfg, self.clip_dim, self.heads = cfg, clip_dim, heads
+        self.cfg, self.clip_dim, self.heads, self.logit_scale_max = cfg, clip_dim, heads, logit_scale_max
         self.encoder = PointBert(cfg)
         if heads == "dual":
             self.adapters = DualAdapters(cfg.dim, clip_dim)
@@ -246,152 +264,20 @@ class TAMM(nn.Module):
             self.proj = nn.Linear(cfg.dim, clip_dim)
         else:
             raise ValueError(f"unknown heads {heads!r}")
-        # stored as a log like CLIP; init 14.28 (official config). `logit_scale_max`: after every optimizer
-        # step the parameter is clamped to log(max), as CLIP does (None: the release, which never clamps).
-        # Clamping the parameter, not its exp() in the forward, keeps the gradient alive at the bound.
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(logit_scale_init)))
-        self.logit_scale_max = logit_scale_max
+        self.logit_scale = logit_scale_parameter()
 
     def scale(self):
         return self.logit_scale.exp()
 
-    @torch.no_grad()
     def clamp_logit_scale_(self):
-        if self.logit_scale_max is not None:
-            self.logit_scale.clamp_(max=math.log(self.logit_scale_max))
+        clamp_logit_scale_(self.logit_scale, self.logit_scale_max)
 
     def forward(self, points):
         f = self.encoder(points)                                                   # (B, dim)
-        if self.heads == "dual":
-            image, text = self.adapters(f)                                         # (B, 1280) each
-        else:
-            image = text = self.proj(f)
+        image, text = self.adapters(f) if self.heads == "dual" else (self.proj(f),) * 2  # (B, 1280) each
         return {"backbone": f, "image": image, "text": text}
 
     def config(self):
-        """Everything needed to rebuild this model from a checkpoint alone."""
+        """Everything needed to rebuild this model from a checkpoint alone (checkpoint.build_from_config)."""
         return {"encoder": asdict(self.cfg), "clip_dim": self.clip_dim, "heads": self.heads,
                 "logit_scale_max": self.logit_scale_max}
-
-
-def build_from_config(config):
-    cfg = EncoderConfig(**config["encoder"])
-    return TAMM(cfg, clip_dim=config["clip_dim"], heads=config["heads"],
-                logit_scale_max=config.get("logit_scale_max", 100.0))
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Loading released weights
-
-def release_key_table(depth):
-    """Our parameter name prefix -> the release's (OpenShape ppat.py) name, one row per renamed module.
-
-    The release wraps modules in PreNorm/Sequential, hence the numeric indices (`lift.1` is a Rearrange,
-    `net.1`/`net.2` are GELU/Dropout, `classifier.2/3/6/7` GELU/Dropout)."""
-    table = {"encoder.cls_token": "ppat.cls_token", "encoder.lift.": "ppat.lift.0.",
-             "encoder.lift_norm.": "ppat.lift.2."}
-    for i in range(3):
-        table[f"encoder.patch_embed.convs.{i}."] = f"ppat.sa.mlp_convs.{i}."
-        table[f"encoder.patch_embed.norms.{i}."] = f"ppat.sa.mlp_bns.{i}."
-    for i in range(depth):
-        ours, theirs = f"encoder.blocks.{i}.", f"ppat.transformer.layers.{i}."
-        table[ours + "norm1."] = theirs + "0.norm."
-        table[ours + "attn.qkv."] = theirs + "0.fn.to_qkv."
-        table[ours + "attn.proj."] = theirs + "0.fn.to_out.0."
-        table[ours + "norm2."] = theirs + "1.norm."
-        table[ours + "fc1."] = theirs + "1.fn.net.0."
-        table[ours + "fc2."] = theirs + "1.fn.net.3."
-    return table
-
-
-def _strip_module(state, where):
-    if not isinstance(state, dict):
-        raise BadInput(f"{where}: expected a dict of tensors, found {type(state).__name__}")
-    return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state.items()}
-
-
-def _rename(state, table, where):
-    """Map release names to ours through `table` (longest matching prefix wins); unknown names are errors."""
-    out = {}
-    reverse = sorted(((theirs, ours) for ours, theirs in table.items()), key=lambda t: -len(t[0]))
-    for key, value in state.items():
-        for theirs, ours in reverse:
-            if key == theirs or (theirs.endswith(".") and key.startswith(theirs)):
-                out[ours + key[len(theirs):]] = value
-                break
-        else:
-            raise BadInput(f"{where}: unexpected key {key!r} (not part of the PointBERT/TAMM layout)")
-    return out
-
-
-def release_state_dict(ckpt, depth, where="checkpoint"):
-    """Convert a TAMM release dict or an OpenShape PointBERT dict to our TAMM state_dict; returns (state, heads)."""
-    table = release_key_table(depth)
-    dual = "image_alignment_adapter" in ckpt
-    if not dual:
-        table["proj."] = "proj."  # OpenShape's single projection head
-    state = _rename(_strip_module(ckpt["state_dict"], where + "[state_dict]"), table, where + "[state_dict]")
-    for i in range(3):  # 1x1 Conv2d kernels (out, in, 1, 1) -> our Linear (out, in)
-        key = f"encoder.patch_embed.convs.{i}.weight"
-        if key in state and state[key].dim() == 4:
-            state[key] = state[key].flatten(1)
-    if dual:
-        for part, ours in (("image_alignment_adapter", "adapters.image."), ("text_alignment_adapter", "adapters.text.")):
-            sub = _strip_module(ckpt.get(part), f"{where}[{part}]")
-            state.update(_rename(sub, {ours: "classifier."}, f"{where}[{part}]"))
-    logit = ckpt.get("logit_scale")
-    if isinstance(logit, dict):
-        logit = _strip_module(logit, where + "[logit_scale]").get("logit_scale")
-    state["logit_scale"] = torch.as_tensor(logit if logit is not None else math.log(14.28), dtype=torch.float32)
-    return state, "dual" if dual else "openshape"
-
-
-def load_pretrained(path_or_ckpt, scaling=4, clip_dim=1280, where=None):
-    """Our stage-2 checkpoint, a released TAMM checkpoint, or OpenShape's PointBERT -> TAMM model (eval mode).
-
-    Released files carry no config, so their encoder size is `scaling` (4 for every public checkpoint).
-    Every tensor must map: a missing or unexpected key, or a shape mismatch, is a BadInput naming it."""
-    where = where or (str(path_or_ckpt) if not isinstance(path_or_ckpt, dict) else "checkpoint")
-    ckpt = path_or_ckpt if isinstance(path_or_ckpt, dict) else load_checkpoint_file(path_or_ckpt)
-    if "config" in ckpt and "model" in ckpt:
-        if "encoder" not in (ckpt["config"] or {}):
-            raise BadInput(f"{where}: a stage-1 checkpoint (CLIP Image Adapter), not a point encoder; "
-                           f"evaluate the stage-2 checkpoint (OUT/stage2/latest.pt)")
-        model, state = build_from_config(ckpt["config"]), ckpt["model"]
-    elif "state_dict" in ckpt:
-        cfg = encoder_config(scaling)
-        state, heads = release_state_dict(ckpt, cfg.depth, where)
-        model = TAMM(cfg, clip_dim=clip_dim, heads=heads, logit_scale_max=None)
-    else:
-        raise BadInput(f"{where}: not a TAMM/OpenShape checkpoint (top-level keys: {sorted(ckpt)[:8]})")
-    load_exact(model, state, where)
-    return model.eval()
-
-
-def load_exact(model, state, where):
-    """load_state_dict that names the first missing/unexpected/mis-shaped key instead of a wall of text."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    if missing:
-        raise BadInput(f"{where}: missing key {missing[0]!r} ({len(missing)} missing; wrong model size or kind?)")
-    if unexpected:
-        raise BadInput(f"{where}: unexpected key {unexpected[0]!r} ({len(unexpected)} unexpected)")
-    for k, v in state.items():
-        if tuple(v.shape) != tuple(own[k].shape):
-            raise BadInput(f"{where}: {k!r} has shape {tuple(v.shape)}, this model expects {tuple(own[k].shape)} "
-                           f"(a checkpoint of another size? try --scaling)")
-    model.load_state_dict(state)
-
-
-def load_checkpoint_file(path):
-    """torch.load with weights_only=True (no arbitrary unpickling); corrupt files become BadInput."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise BadInput(f"{path}: checkpoint file not found") from None
-    except Exception as e:  # torch raises many types for truncated/foreign files
-        raise BadInput(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
-    if not isinstance(ckpt, dict):
-        raise BadInput(f"{path}: expected a checkpoint dict, found {type(ckpt).__name__}")
-    return ckpt

@@ -1,39 +1,170 @@
-"""What train_stage1.py and train_stage2.py share: presets on the command line, the lr schedule, weight-decay
-groups, the checkpoint (resume) contract, RNG state, logs, and SyncBatchNorm that also works on CPU.
+"""What the entry points share: the command line and its checks, distributed setup, presets, the learning-rate
+schedule, weight-decay groups, SyncBatchNorm on CPU, the data position of a run, logs and non-finite steps.
 
-The two training loops themselves stay in their scripts, readable top to bottom (STYLE.md habit 4).
+The loops themselves stay in train_stage1.py and train_stage2.py, readable top to bottom; weight files are
+checkpoint.py's business.
+  - A user mistake (a bad flag value, a missing file) is one line on stderr and exit code 2, raised where the
+    arguments are parsed, before any work starts (`BadInput`, `Parser`, `run_cli`).
+  - One script runs alone on a CPU, on one GPU, or under torchrun (`setup_distributed`: RANK/WORLD_SIZE).
 """
 import argparse
 import json
 import math
 import os
 import platform
-import random
 import sys
 import time
+from dataclasses import dataclass
 from importlib import metadata
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
 
-from utils import BadInput, atomic_save, check_writable
+
+class BadInput(Exception):
+    """A problem with what the user gave us. The message names the flag or file and the problem."""
+
+
+def run_cli(main, argv=None):
+    """Call `main(argv)`; turn BadInput into one line on stderr and exit code 2."""
+    try:
+        return main(argv)
+    except BadInput as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
 
 # ---------------------------------------------------------------------------------------------------------
-# Presets: every value of a preset is a flag; --help shows each preset's value and where it comes from.
+# The command line: every value is checked here, at parse time
 
 
-def preset_parser(description, presets, sources, choices=None):
-    """An ArgumentParser whose preset-backed flags default to None and are filled by `apply_preset`."""
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", choices=sorted(presets),
-                   help="named defaults (default: demo without --data, paper with it)")
-    for name, value in presets["paper"].items():
+class Parser(argparse.ArgumentParser):
+    """argparse whose errors are BadInput (one line, exit code 2 through run_cli; argparse would add its usage)."""
+
+    def __init__(self, description=None, **kw):
+        super().__init__(description=description, **{"formatter_class": argparse.RawDescriptionHelpFormatter, **kw})
+
+    def error(self, message):
+        raise BadInput(message)
+
+
+def number(kind=float, low=None, high=None, above=False):
+    """An argparse type: an int or a finite float in [low, high] (low excluded when `above`)."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
+        too_low = low is not None and (value <= low if above else value < low)
+        if not math.isfinite(value) or too_low or (high is not None and value > high):
+            bounds = [f"{'>' if above else '>='} {low}" if low is not None else "", f"<= {high}" if high else ""]
+            raise argparse.ArgumentTypeError(f"must be {' and '.join(b for b in bounds if b) or 'finite'}, got {text}")
+        return value
+    parse.__name__ = kind.__name__
+    return parse
+
+
+COUNT, POSITIVE_INT, POSITIVE, NONNEGATIVE = number(int, 0), number(int, 1), number(float, 0, above=True), number(float, 0)
+FRACTION = number(float, 0, 1)
+
+
+def choice(*options):
+    """An argparse type: one of `options` (for preset flags, whose values go through a type)."""
+    def parse(text):
+        if text not in options:
+            raise argparse.ArgumentTypeError(f"expected one of {', '.join(options)}, got {text!r}")
+        return text
+    return parse
+
+
+def device(text):
+    """--device: cpu, cuda or cuda:N, and CUDA only where there is a GPU."""
+    if text != "cpu" and not (text == "cuda" or (text.startswith("cuda:") and text[5:].isdigit())):
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}")
+    if text.startswith("cuda") and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text} was requested but no CUDA device is available")
+    return text
+
+
+def existing_file(text):
+    if not os.path.isfile(text):
+        raise argparse.ArgumentTypeError(f"{text}: {'is a folder, expected a file' if os.path.isdir(text) else 'no such file'}")
+    return text
+
+
+def existing_dir(text):
+    if not os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text}: {'is a file, expected a folder' if os.path.exists(text) else 'no such folder'}")
+    return text
+
+
+def output_file(text):
+    """A file to write: not a folder, in a folder we can write to."""
+    if os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text}: is a folder, expected a file name")
+    check_writable(os.path.dirname(os.path.abspath(text)), text)
+    return text
+
+
+def output_dir(text):
+    if os.path.exists(text) and not os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text}: is a file, expected a folder")
+    return text
+
+
+def check_writable(folder, what=None):
+    """Create `folder` if needed and make sure we can write into it (fail before hours of work)."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, f".write-test-{os.getpid()}"), "w"):
+            pass
+        os.remove(os.path.join(folder, f".write-test-{os.getpid()}"))
+    except OSError as e:
+        raise BadInput(f"{what or folder}: output folder {folder} is not writable ({e.strerror})") from None
+
+
+def parse_names(value, flag):
+    """A comma-separated list, or a file with one name per line -> the non-empty names."""
+    if os.path.isfile(value):
+        with open(value) as f:
+            names = [line.strip() for line in f]
+    else:
+        names = [s.strip() for s in value.split(",")]
+    names = [s for s in names if s]
+    if not names:
+        raise BadInput(f"{flag} {value!r}: no labels given (a comma-separated list, or a file with one per line)")
+    return names
+
+
+def check_points(num_points, scaling, flag="--num-points"):
+    """FPS picks S patch centres among the points: fewer points than patches cannot be grouped."""
+    from model import CONFIGS
+    patches = CONFIGS[scaling].num_patches
+    if num_points is not None and num_points < patches:
+        raise BadInput(f"{flag} {num_points}: fewer than the {patches} patches of --scaling {scaling}")
+
+
+def scaling(text):
+    """--scaling: a PointBERT size of model.CONFIGS, '1'..'6' or 'tiny'."""
+    from model import CONFIGS
+    key = int(text) if text.isdigit() else text
+    if key not in CONFIGS:
+        raise argparse.ArgumentTypeError(f"unknown size {text!r}, choose one of {', '.join(map(str, CONFIGS))}")
+    return key
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Presets: every value of a preset is a flag; --help shows each preset's value and where it comes from
+
+
+def preset_parser(description, presets, flags):
+    """A Parser with one flag per preset key (default None, filled by `apply_preset`); flags[name] = (type, source)."""
+    p = Parser(description)
+    p.add_argument("--preset", choices=sorted(presets), help="named defaults (default: demo without --data, paper with it)")
+    for name, (kind, source) in flags.items():
         shown = ", ".join(f"{k}={v[name]}" for k, v in presets.items())
-        p.add_argument("--" + name.replace("_", "-"), type=type(value), default=None,
-                       choices=(choices or {}).get(name), help=f"[{shown}; source: {sources[name]}]")
+        p.add_argument("--" + name.replace("_", "-"), type=kind, default=None, help=f"[{shown}; source: {source}]")
     return p
 
 
@@ -44,6 +175,65 @@ def apply_preset(args, presets):
         if getattr(args, name) is None:
             setattr(args, name, value)
     return args
+
+
+def check_batch(batch_size, min_rows=1):
+    """The global batch splits evenly over the processes torchrun starts (WORLD_SIZE), >= min_rows each."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if batch_size % world or batch_size // world < min_rows:
+        raise BadInput(f"--batch-size {batch_size} (global) must split into {world} equal parts of >= {min_rows} "
+                       f"shapes{' (BatchNorm needs 2)' if min_rows > 1 else ''}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Distributed setup
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+    @property
+    def distributed(self):
+        return self.world_size > 1
+
+
+def setup_distributed(device=None):
+    """Initialise torch.distributed when launched by torchrun (RANK/WORLD_SIZE set): NCCL on CUDA, gloo on CPU.
+    Without torchrun: rank 0 of 1. `device` ('cpu', 'cuda') overrides the default (CUDA when available)."""
+    cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if cuda else "gloo")
+    return DistInfo(rank, local_rank, world, torch.device("cuda", local_rank) if cuda else torch.device("cpu"))
+
+
+def cleanup_distributed():
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def data_root(data_arg, env):
+    """--data as given, or the embedded synthetic world: built once per node by local rank 0 while the other
+    ranks wait (nodes need not share a file system), then found in its cache by everyone."""
+    if data_arg:
+        return data_arg
+    from tools import synthetic
+    if env.local_rank == 0:
+        synthetic.ensure_world()
+    if env.distributed:
+        dist.barrier()
+    return str(synthetic.ensure_world())
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -60,13 +250,11 @@ def cosine_lr(step, total_steps, warmup_steps, lr, min_lr=0.0):
 
 def param_groups(model, weight_decay, decay_everything=False):
     """AdamW groups. The release decays every tensor (PyTorch default 0.01); decaying biases, norm parameters
-    and the temperature is a known mistake, so by default only >= 2-d weights decay (`decay_everything`
-    reproduces the release)."""
+    and the temperature is a known mistake, so only >= 2-d weights decay unless `decay_everything`."""
     decay, no_decay = [], []
     for p in model.parameters():
-        if not p.requires_grad:
-            continue
-        (decay if decay_everything or p.ndim >= 2 else no_decay).append(p)
+        if p.requires_grad:
+            (decay if decay_everything or p.ndim >= 2 else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -77,13 +265,9 @@ def autocast(device, precision):
     return torch.autocast("cuda", dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
-# ---------------------------------------------------------------------------------------------------------
-# SyncBatchNorm: torch's version is CUDA-only; this one all-reduces the statistics with gloo on CPU.
-
-
 class _CpuSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
-    """BatchNorm whose batch statistics are over the global batch: all_reduce of (sum, count) then of the
-    centred sum of squares, both differentiable (torch.distributed.nn), so gradients match one process."""
+    """torch's SyncBatchNorm is CUDA-only. This one all-reduces (sum, count), then the centred sum of squares,
+    both differentiable (torch.distributed.nn), so statistics and gradients match one process on the global batch."""
 
     def _check_input_dim(self, x):
         if x.dim() < 2:
@@ -93,131 +277,66 @@ class _CpuSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         if not self.training:
             return super().forward(x)
         from torch.distributed.nn.functional import all_reduce
-        dims = [0] + list(range(2, x.dim()))
-        shape = [1, -1] + [1] * (x.dim() - 2)
+        dims, shape = [0] + list(range(2, x.dim())), [1, -1] + [1] * (x.dim() - 2)
         count = torch.tensor([x.numel() / x.shape[1]], dtype=x.dtype, device=x.device)
         total = all_reduce(torch.cat([x.sum(dims), count]))
-        n = total[-1]
-        mean = total[:-1] / n
+        n, mean = total[-1], total[:-1] / total[-1]
         var = all_reduce((x - mean.view(shape)).pow(2).sum(dims)) / n
         with torch.no_grad():
             self.num_batches_tracked += 1
             self.running_mean.lerp_(mean.detach(), self.momentum)
             self.running_var.lerp_(var.detach() * n / (n - 1), self.momentum)
-        y = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
-        return y * self.weight.view(shape) + self.bias.view(shape)
+        return (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps) * self.weight.view(shape) + self.bias.view(shape)
 
 
-def sync_batchnorm(model, device):
-    """Under DDP, make every BatchNorm use global-batch statistics (the release uses SyncBatchNorm)."""
+def sync_batchnorm(module, device):
+    """Make every BatchNorm in `module` use global-batch statistics under DDP (in place on CPU)."""
     if device.type == "cuda":
-        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.affine and module.track_running_stats:
-            module.__class__ = _CpuSyncBatchNorm
-    return model
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine and m.track_running_stats:
+            m.__class__ = _CpuSyncBatchNorm
+    return module
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Checkpoints: the resume contract (STYLE.md habit 8)
+# A run: its folder, its data position, its log, its non-finite steps
 
 
-def rng_state():
-    """This process's RNG streams, as plain tensors/ints (loadable with weights_only=True)."""
-    _, key, pos, has_gauss, gauss = np.random.get_state()
-    return {"torch": torch.get_rng_state(), "numpy": [key.tolist(), int(pos), int(has_gauss), float(gauss)],
-            "python": list(random.getstate()[1]),
-            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
-
-
-def set_rng_state(state):
-    torch.set_rng_state(state["torch"])
-    key, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state(("MT19937", np.array(key, dtype=np.uint32), pos, has_gauss, gauss))
-    random.setstate((3, tuple(state["python"]), None))
-    if state["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-def all_rng_states(env):
-    """Every rank's RNG state, in rank order (a collective: call it on every rank before saving)."""
-    state = rng_state()
-    if not env.distributed:
-        return [state]
-    states = [None] * env.world_size
-    dist.all_gather_object(states, state)
-    return states
-
-
-def save_latest(run_dir, model, optimizer, scaler, step, epoch, batch_in_epoch, args, env):
-    """RUN_DIR/latest.pt: model (unwrapped), optimizer, scaler, position in the data, flags and every rank's RNG,
-    written atomically by the main process. A collective (the RNG gather): call it on every rank."""
-    rng = all_rng_states(env)
-    if not env.is_main:
-        return
-    module = model.module if hasattr(model, "module") else model
-    module = getattr(module, "_orig_mod", module)  # torch.compile wrapper
-    path = os.path.join(run_dir, "latest.pt")
-    atomic_save({"model": module.state_dict(), "config": module.config(), "optimizer": optimizer.state_dict(),
-                 "scaler": scaler.state_dict() if scaler is not None else None, "step": step, "epoch": epoch,
-                 "batch_in_epoch": batch_in_epoch, "args": vars(args), "rng": rng}, path)
-
-
-def resume(path, model, optimizer, scaler, env):
-    """Load a checkpoint written by save_latest into the (unwrapped) model and optimizer, restore this
-    rank's RNG streams, and return (step, epoch, batch_in_epoch). A checkpoint of another model is BadInput."""
-    from model import load_checkpoint_file, load_exact
-    ckpt = load_checkpoint_file(path)
-    if ckpt.get("config") != model.config():
-        raise BadInput(f"{path}: checkpoint of another model ({ckpt.get('config')}); "
-                       f"this run builds {model.config()} (another --out, or matching flags)")
-    load_exact(model, ckpt["model"], path)
-    optimizer.load_state_dict(ckpt["optimizer"])
-    if scaler is not None and ckpt["scaler"]:
-        scaler.load_state_dict(ckpt["scaler"])
-    rng = ckpt["rng"]
-    if len(rng) == env.world_size:
-        set_rng_state(rng[env.rank])
-    else:  # another world size: the data order is still exact, the dropout stream is re-derived
-        torch.manual_seed(ckpt["step"] * 1_000_003 + env.rank)
+def start_run(args, env, stage):
+    """OUT/<stage>/ checked writable, config.json (resolved flags, versions) written by the main process; the log."""
+    run_dir = os.path.join(args.out or os.path.join("runs", args.preset), stage)
     if env.is_main:
-        print(f"resumed from {path} at step {ckpt['step']} (epoch {ckpt['epoch']}, batch {ckpt['batch_in_epoch']})")
-    return ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"]
+        check_writable(run_dir, "--out")
+        versions = {}
+        for pkg in ("torch", "open_clip_torch", "numpy", "tqdm"):
+            try:
+                versions[pkg] = metadata.version(pkg)
+            except metadata.PackageNotFoundError:
+                versions[pkg] = None
+        info = {"args": vars(args), "python": sys.version.split()[0], "platform": platform.platform(),
+                "packages": versions, "cuda": torch.version.cuda, "argv": sys.argv}
+        with open(os.path.join(run_dir, "config.json"), "w") as f:
+            json.dump(info, f, indent=2, default=str)
+    return run_dir, RunLog(run_dir, env.is_main)
 
 
-def data_root(data_arg, env):
-    """--data as given (checked by the reader), or the embedded synthetic world, built once per node by its
-    local rank 0 while the other ranks wait (nodes need not share a file system)."""
-    if data_arg:
-        return data_arg
-    import synthetic
-    if env.local_rank == 0:
-        synthetic.ensure_world()
-    if env.distributed:
-        dist.barrier()
-    return str(synthetic.ensure_world())
-
-
-def find_resume(resume, out_dir):
-    """--resume PATH, else `latest.pt` in the output folder if a previous run left one, else None."""
-    if resume:
-        if not os.path.exists(resume):
-            raise BadInput(f"{resume}: --resume checkpoint not found")
-        return resume
-    latest = os.path.join(out_dir, "latest.pt")
-    return latest if os.path.exists(latest) else None
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Logs
+def endless_batches(loader, sampler, step, local_batch):
+    """The batches of a run from global step `step` on, epoch after epoch (epoch = step // batches per epoch).
+    The data position is a function of the step alone, so a resumed run sees exactly the batches it missed."""
+    epoch, done = divmod(step, len(loader))
+    while True:
+        sampler.set_epoch(epoch)  # a new shuffle; the dataset's augmentation follows the epoch too
+        sampler.skip(done * local_batch)
+        yield from loader
+        epoch, done = epoch + 1, 0
 
 
 class RunLog:
     """Plain `key value | ...` lines on stdout plus one JSON object per line in `log.jsonl` (main process)."""
 
     def __init__(self, out_dir, enabled):
-        self.enabled = enabled
-        self.path = os.path.join(out_dir, "log.jsonl")
+        self.enabled, self.path = enabled, os.path.join(out_dir, "log.jsonl")
 
     def __call__(self, record, echo=True):
         if not self.enabled:
@@ -230,50 +349,27 @@ class RunLog:
                              if k != "time"), flush=True)
 
 
-def start_run(args, env, stage):
-    """Global batch -> per-process batch, OUT/<stage>/ checked writable, config.json written, the run log.
-    Returns (run_dir, local_batch, log)."""
-    if args.batch_size % env.world_size:
-        raise BadInput(f"--batch-size {args.batch_size} (global) is not divisible by {env.world_size} processes")
-    run_dir = os.path.join(args.out or os.path.join("runs", args.preset), stage)
-    if env.is_main:
-        check_writable(run_dir)
-        write_run_info(run_dir, args)
-    return run_dir, args.batch_size // env.world_size, RunLog(run_dir, env.is_main)
+class NonFiniteGuard:
+    """Skips an update whose loss is not finite and undoes what its forward did to the BatchNorm statistics;
+    stops the run after `limit` such steps in a row, leaving the last checkpoint (a good one) in place.
+    The loss is all-reduced, so every rank takes the same decision."""
 
+    def __init__(self, model, limit, log, last_checkpoint):
+        self.model, self.limit, self.log, self.last_checkpoint, self.in_a_row = model, limit, log, last_checkpoint, 0
 
-def write_run_info(out_dir, args):
-    """config.json with the resolved flags and the package versions, written once at start."""
-    versions = {}
-    for pkg in ("torch", "open_clip_torch", "numpy", "tqdm"):
-        try:
-            versions[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            versions[pkg] = None
-    info = {"args": vars(args), "python": sys.version.split()[0], "platform": platform.platform(),
-            "packages": versions, "cuda": torch.version.cuda, "argv": sys.argv}
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(info, f, indent=2, default=str)
+    def remember(self):
+        self.buffers = [b.clone() for b in self.model.buffers()]  # a few KB of BatchNorm statistics
 
-
-def all_ranks_have_rows(batch, env, min_rows=1):
-    """False if this or any other rank got fewer than `min_rows` loadable shapes (one tiny all_reduce)."""
-    ok = torch.tensor([float(len(batch["index"]) >= min_rows)], device=env.device)
-    if env.distributed:
-        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-    return bool(ok.item())
-
-
-def all_reduce_mean(x):
-    if dist.is_available() and dist.is_initialized():
-        x = x.clone()
-        dist.all_reduce(x)
-        x /= dist.get_world_size()
-    return x
-
-
-@torch.no_grad()
-def retrieval_top1(queries, keys):
-    """Top-1 of query i retrieving key i among all keys, by cosine similarity."""
-    sim = F.normalize(queries.float(), dim=-1) @ F.normalize(keys.float(), dim=-1).T
-    return (sim.argmax(1) == torch.arange(len(queries), device=sim.device)).float().mean().item()
+    def ok(self, step, loss):
+        if torch.isfinite(loss).all():
+            self.in_a_row = 0
+            return True
+        self.in_a_row += 1
+        with torch.no_grad():
+            for b, saved in zip(self.model.buffers(), self.buffers):
+                b.copy_(saved)
+        self.log({"step": step, "event": "non-finite loss, step skipped", "consecutive": self.in_a_row})
+        if self.in_a_row >= self.limit:
+            raise SystemExit(f"stopping: {self.in_a_row} consecutive non-finite losses; last good checkpoint: "
+                             f"{self.last_checkpoint}")
+        return False

@@ -1,7 +1,7 @@
 """Shared fixtures: one tiny synthetic world per test session (the real default world is larger)."""
 import pytest
 
-import synthetic
+from tools import synthetic
 
 # Small enough that a test epoch takes seconds on 2 cores, big enough for every split to have a few shapes.
 TINY_WORLD = dict(num_shapes=96, num_points=512, num_test_per_class=3, seed=0)

@@ -1,57 +1,35 @@
-"""bench.py: its release-style baselines compute what our implementations compute, its measuring helpers, and
-`main(["--quick", ...])` end to end on CPU. No assertion on speed: speed is a benchmark figure, not a test."""
+"""tools/bench.py: its rows compare equal computations (the release-style encoder of tools/reference.py has our
+weights and our function), its measuring helpers, and `main(["--quick", ...])` end to end on CPU. No assertion on
+speed: speed is a benchmark figure, not a test."""
 import json
 import math
 
 import pytest
 import torch
 
-import bench
+from tools import bench, reference
 import model
-from loss import contrastive_loss
 
 CPU = torch.device("cpu")
 
 
-def test_release_fps_gives_our_indices():
-    xyz = bench.cloud(3, 1500, CPU, seed=1)[..., :3]
-    assert torch.equal(bench.release_fps(xyz, 96), model.farthest_point_sample(xyz, 96))
-
-
-@pytest.mark.parametrize("radius,k", [(0.2, 32), (0.05, 8)])  # 0.05: most balls have fewer hits than k (padding)
-def test_release_ball_query_gives_our_indices(radius, k):
-    xyz = bench.cloud(2, 2000, CPU, seed=2)[..., :3]
-    centres = model.index_points(xyz, model.farthest_point_sample(xyz, 64))
-    assert torch.equal(bench.release_ball_query(radius, k, xyz, centres), model.ball_query(xyz, centres, radius, k))
-
-
-def test_release_index_points_matches_gather():
-    pts = torch.randn(2, 50, 6)
-    idx = torch.randint(0, 50, (2, 7, 5))
-    assert torch.equal(bench.release_index_points(pts, idx), model.index_points(pts, idx))
-
-
-def test_release_loss_matches_fused_loss_values_and_gradients():
+def test_loss_rows_compute_the_same_values_and_gradients():
     fns = bench.loss_ops(dict(P=3, B=40, D=24, chunk=16), CPU)
     base, ours, chunked = fns["baseline"](), fns["ours"](), fns["chunked"]()
     assert len(base) == 3  # loss, d/d anchors, d/d log temperature
     for b, o, c in zip(base, ours, chunked):
         assert torch.allclose(b, o, rtol=0, atol=1e-5) and torch.allclose(b, c, rtol=0, atol=1e-5)
     assert base[2].abs() > 1e-3  # the temperature really receives a gradient
-    # and the plain loss is the symmetric InfoNCE of the fused one, term for term
-    a, t = torch.randn(2, 16, 8), torch.randn(2, 16, 8)
-    assert torch.allclose(bench.release_loss(a, t, torch.tensor(5.0)), contrastive_loss(a, t, torch.tensor(5.0)).loss,
-                          atol=1e-5)
 
 
 def test_baseline_encoder_same_weights_release_modules_and_exact_parity_in_float64():
     torch.manual_seed(0)
     ours = model.PointBert(model.CONFIGS["tiny"]).train().double()
-    base = bench.baseline_encoder(ours)
+    base = reference.baseline_encoder(ours)
     for (n, p), (_, q) in zip(ours.named_parameters(), base.named_parameters()):
         assert torch.equal(p, q) and p.data_ptr() != q.data_ptr(), n
-    assert base.blocks[0].attn.forward.__func__ is bench.eager_attention
-    assert base.patch_embed.forward.__func__ is bench.release_patch_embed
+    assert base.blocks[0].attn.forward.__func__ is reference.eager_attention
+    assert base.patch_embed.forward.__func__ is reference.release_patch_embed
     assert "forward" not in vars(ours.blocks[0].attn) and "forward" not in vars(ours.patch_embed)  # ours untouched
     pts = bench.cloud(2, 1024, CPU, seed=3).double()
     a, b = bench.train_step(ours, pts), bench.train_step(base, pts)
@@ -63,7 +41,7 @@ def test_baseline_encoder_same_weights_release_modules_and_exact_parity_in_float
 def test_baseline_encoder_parity_check_in_float32():
     torch.manual_seed(0)
     ours = model.PointBert(model.CONFIGS["tiny"]).train()
-    base = bench.baseline_encoder(ours)
+    base = reference.baseline_encoder(ours)
     pts = bench.cloud(2, 1024, CPU, seed=4)
     a, b = bench.train_step(ours, pts), bench.train_step(base, pts)
     assert bench.same_step(a, b)

@@ -21,8 +21,8 @@ from PIL import Image
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import clip_features as cf  # noqa: E402
-from utils import BadInput  # noqa: E402
+from tools import clip_features as cf  # noqa: E402
+from training import BadInput  # noqa: E402
 
 TINY = "tamm-test-tiny-clip"
 # Small enough to build in well under a second; the real vocabulary so the stock tokenizer fits.
@@ -213,7 +213,11 @@ def test_shape_folder_bad_input(clip, shape_folder, tmp_path):
     with pytest.raises(BadInput, match="bad.json"):
         cf.main(["--pretrained", "none", "--model", TINY, "shapes", "--images", str(images),
                  "--captions", str(tmp_path / "bad.json"), "--out", str(tmp_path / "out")])
-    with pytest.raises(BadInput, match=r"rgb must be in \[0, 1\]"):
+    # one rgb convention with evaluate.py --pc (tools/pointclouds.py): 0-255 colours are divided by 255 ...
+    cf.encode_shape_folder(images, tmp_path / "ok", model, tokenizer, preprocess)
+    assert np.all(np.load(tmp_path / "ok" / "s2.npy", allow_pickle=True).item()["rgb"] == 1.0)
+    np.save(images / "s2" / "points.npy", np.full((10, 6), 300.0))  # ... and anything else is refused
+    with pytest.raises(BadInput, match=r"rgb must lie in \[0, 1\] or \[0, 255\]"):
         cf.encode_shape_folder(images, tmp_path / "out", model, tokenizer, preprocess)
     for name in os.listdir(images / "s2"):
         if name != "points.npy":
@@ -277,8 +281,10 @@ def test_main_classes_and_shapes(clip, shape_folder, tmp_path, capsys):
     cf.main(["--model", TINY, "--pretrained", "none", "classes", "--names-file", str(names_file), "--layout", "lvis",
              "--out", str(tmp_path / "lvis.npy")])
     assert np.load(tmp_path / "lvis.npy").shape == (2, 32)
-    with pytest.raises(BadInput, match="class name 2 of 3 is empty"):
-        cf.main(["--model", TINY, "--pretrained", "none", "classes", "--names", "a,,b", "--out", str(out)])
+    with pytest.raises(BadInput, match="appear more than once: a"):
+        cf.main(["--model", TINY, "--pretrained", "none", "classes", "--names", "a,b,a", "--out", str(out)])
+    with pytest.raises(BadInput, match="--names '  , ': no labels given"):
+        cf.main(["--model", TINY, "--pretrained", "none", "classes", "--names", "  , ", "--out", str(out)])
 
     images, captions, _ = shape_folder
     cf.main(["--model", TINY, "--pretrained", "none", "shapes", "--images", str(images), "--captions", str(captions),
@@ -292,7 +298,8 @@ def run_cli_offline(tmp_path, **env):
     full_env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_ENDPOINT", "HF_HUB_CACHE")}
     full_env.update(HF_HOME=str(tmp_path / "hf_home"), **env)
     start = time.time()
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "clip_features.py"), "classes", "--names", "a,b",
+    full_env["PYTHONPATH"] = ROOT
+    proc = subprocess.run([sys.executable, "-m", "tools.clip_features", "classes", "--names", "a,b",
                            "--out", str(tmp_path / "X.npy")], env=full_env, capture_output=True, text=True,
                           timeout=60, cwd=tmp_path)
     return proc.returncode, proc.stderr.strip().splitlines(), time.time() - start

@@ -6,18 +6,14 @@ MSFT 500/501, retrieved texts 600 + k / 700 + k.
 """
 import json
 import os
-import subprocess
-import sys
-import tarfile
 import warnings
-import zipfile
 
 import numpy as np
 import pytest
 import torch
 
 import data
-from utils import BadInput
+from training import BadInput
 
 D = 16          # CLIP width of the fixtures (the readers take clip_dim)
 N_STORED = 64   # points per stored shape
@@ -69,23 +65,27 @@ MODELNET_CLASSES = ["zebra", "airplane", "mug"]   # dict order, deliberately not
 
 def write_release(root, shapes, layout="openshape", flags=None, knn=None):
     """A miniature release: per-shape pickled dicts, split JSONs with /mnt/data paths, GPT-4 flags, knn file,
-    ModelNet40, ScanObjectNN (no rgb) and Objaverse-LVIS, in the OpenShape or TAMM folder layout."""
+    ModelNet40, ScanObjectNN (no rgb) and Objaverse-LVIS, in the OpenShape or TAMM folder layout. TAMM's
+    (configs/Pre-Training/pointbert.yaml): splits under meta_data/Pre-Training/split/, benchmarks under
+    meta_data/Zero-Shot/ (LVIS features in Zero-Shot/LVIS/), gpt4_filtering.json and point_feat_knn.npy in
+    meta_data/, and the shapes in data/ beside meta_data/ (TAMM maps /mnt/data to data)."""
     root = str(root)
     tamm = layout == "tamm"
     meta = os.path.join(root, "meta_data", "Pre-Training" if tamm else "")
     zero = os.path.join(root, "meta_data", "Zero-Shot" if tamm else "")
+    shapes_root = os.path.join(root, "data") if tamm else root
     split = []
     for s in shapes:
-        save(shape_file(root, s), s)
-        rel = os.path.relpath(shape_file(root, s), root)
+        save(shape_file(shapes_root, s), s)
+        rel = os.path.relpath(shape_file(shapes_root, s), shapes_root)
         split.append({"id": s["id"], "data_path": f"/mnt/data/{rel}", "dataset": s["dataset"], "group": s["group"]})
     save_json(os.path.join(meta, "split", "train_all.json"), split)
     save_json(os.path.join(meta, "split", "ablation", "train_shapenet_only.json"),
               [e for e in split if e["dataset"] == "ShapeNet"])
-    save_json(os.path.join(meta, "gpt4_filtering.json"),
+    save_json(os.path.join(root, "meta_data", "gpt4_filtering.json"),
               {s["id"]: {"flag": (flags or {}).get(s["id"], "Y"), "category": "x"} for s in shapes})
     if knn is not None:
-        save(os.path.join(meta, "point_feat_knn.npy"), knn)
+        save(os.path.join(root, "meta_data", "point_feat_knn.npy"), knn)
     rng = np.random.default_rng(1)
     # ModelNet40: object array of {xyz, rgb on 0-255}, split aligned with it, class features in dict order.
     pcs = np.empty(3, dtype=object)
@@ -105,11 +105,12 @@ def write_release(root, shapes, layout="openshape", flags=None, knn=None):
     lvis = []
     for k, cat in enumerate(["zebra", "apple", "zebra", "mug"]):
         s = make_shape(f"lvis{k}", dataset="Objaverse", seed=10 + k)
-        save(shape_file(root, s), s)
+        save(shape_file(shapes_root, s), s)
         lvis.append({"uid": s["id"], "category": cat, "group": "g0",
-                     "data_path": "/mnt/data/" + os.path.relpath(shape_file(root, s), root)})
+                     "data_path": "/mnt/data/" + os.path.relpath(shape_file(shapes_root, s), shapes_root)})
     save_json(os.path.join(meta, "split", "lvis.json"), lvis)
-    save(os.path.join(zero, "lvis_cat_name_pt_feat.npy"), np.stack([np.full(D, k, np.float32) for k in range(3)]))
+    save(os.path.join(zero, "LVIS" if tamm else "", "lvis_cat_name_pt_feat.npy"),
+         np.stack([np.full(D, k, np.float32) for k in range(3)]))
     return root
 
 
@@ -152,10 +153,11 @@ def test_train_sample_format(release):
     assert s["text_feat"].shape == (D,) and s["text_feat"].dtype == torch.float32
     assert s["has_text"].dtype == torch.bool and bool(s["has_text"])
     assert s["index"] == 0
-    batch = data.collate_train([ds[i] for i in range(5)])
+    assert s["valid"].dtype == torch.bool and bool(s["valid"])
+    batch = torch.utils.data.default_collate([ds[i] for i in range(5)])
     assert batch["points"].shape == (5, 32, 6) and batch["image_feat"].shape == (5, 4, D)
     assert batch["text_feat"].shape == (5, D) and batch["has_text"].shape == (5,)
-    assert batch["index"].tolist() == [0, 1, 2, 3, 4] and batch["num_skipped"] == 0
+    assert batch["index"].tolist() == [0, 1, 2, 3, 4] and batch["valid"].all()
 
 
 def test_prefix_mapping_and_split_forms(release, tmp_path):
@@ -456,10 +458,15 @@ def test_benchmarks_in_both_layouts(tmp_path, layout):
     root = write_release(tmp_path / layout, default_shapes(), layout=layout)
     sets = data.load_benchmarks(root, num_points=20, clip_dim=D)
     assert sorted(sets) == ["lvis", "modelnet40", "scanobjectnn"]
-    assert len(triplets(root)) == 12   # the TAMM split folder is found too
+    ds = triplets(root)
+    assert len(ds) == 12 and ds[0]["valid"]   # the TAMM split folder, the GPT-4 filter and data/ are found too
+    assert all(os.path.exists(p) for p in ds.paths + sets["lvis"].paths)
+    assert all(p.startswith(os.path.join(root, "data") if layout == "tamm" else root) for p in ds.paths)
+    assert len(triplets(root, split="ablation/train_shapenet_only")) == 6
     for ds in sets.values():
         pts, label = ds[0]
-        assert pts.shape == (20, 6) and pts.dtype == torch.float32 and isinstance(label, int)
+        n = 32 if ds.name == "scanobjectnn" else 20  # ScanObjectNN: all its stored points
+        assert pts.shape == (n, 6) and pts.dtype == torch.float32 and isinstance(label, int)
         assert ds.class_feat.dtype == torch.float32 and ds.class_feat.shape == (len(ds.class_names), D)
 
 
@@ -477,27 +484,36 @@ def test_modelnet40_first_points_swap_normalise_rgb(release):
     assert torch.equal(mn[1][0], mn[1][0])                                    # no randomness
 
 
-def test_scanobjectnn_grey_rgb_fixed_class_order_and_resampling(release):
+def test_scanobjectnn_grey_rgb_fixed_class_order_and_all_stored_points(release):
     so = data.load_benchmarks(release, num_points=50, names=("scanobjectnn",), clip_dim=D)["scanobjectnn"]
     assert so.class_names == data.SCANOBJECTNN_CLASSES
     assert codes(so.class_feat) == list(range(15))    # rows follow the label order, not the file's order
     assert [so[k][1] for k in range(3)] == [0, 14, 3]
     pts = so[0][0]
-    assert pts.shape == (50, 6) and torch.all(pts[:, 3:] == 0.4) and torch.equal(so[0][0], pts)
-    # 32 stored points < 50 requested: all 32 in order, then 18 drawn with replacement (seeded by the index)
+    assert pts.shape == (32, 6) and torch.all(pts[:, 3:] == 0.4) and torch.equal(so[0][0], pts)
+    # all 32 stored points in their order, never padded to the 50 asked for (TAMM data.py ScanObjectNNTest)
     stored = np.load(os.path.join(release, "meta_data/scanobjectnn/xyz_label.npy"), allow_pickle=True).item()
-    idx = np.concatenate([np.arange(32), np.random.default_rng(0).integers(0, 32, 18)])
-    xyz = stored["xyz"][0][idx][:, [0, 2, 1]]
+    xyz = stored["xyz"][0][:, [0, 2, 1]]
     xyz = xyz - xyz.mean(0)
     assert np.allclose(pts[:, :3].numpy(), xyz / np.linalg.norm(xyz, axis=1).max(), atol=1e-5)
+
+
+def test_permuted_point_order_is_openshapes_and_seeded(release):
+    first = data.load_benchmarks(release, num_points=20, names=("modelnet40",), clip_dim=D)["modelnet40"]
+    perm = data.load_benchmarks(release, num_points=20, names=("modelnet40",), clip_dim=D, order="permuted")["modelnet40"]
+    stored = np.load(os.path.join(release, "meta_data/modelnet40/test_pc.npy"), allow_pickle=True)[1]["xyz"]
+    idx = np.random.default_rng(1).permutation(len(stored))[:20]          # a permutation, then the first N
+    xyz = stored[idx][:, [0, 2, 1]] - stored[idx][:, [0, 2, 1]].mean(0)
+    assert np.allclose(perm[1][0][:, :3].numpy(), xyz / np.linalg.norm(xyz, axis=1).max(), atol=1e-5)
+    assert torch.equal(perm[1][0], perm[1][0]) and not torch.equal(perm[1][0], first[1][0])
 
 
 def test_lvis_classes_sorted_and_paths_mapped(release):
     lv = data.load_benchmarks(release, num_points=16, names=("lvis",), clip_dim=D)["lvis"]
     assert lv.class_names == ["apple", "mug", "zebra"] and codes(lv.class_feat) == [0, 1, 2]
     assert [lv[k][1] for k in range(4)] == [2, 0, 2, 1]
-    assert all(p.startswith(release) for p in lv.clouds.paths)
-    stored = np.load(lv.clouds.paths[1], allow_pickle=True).item()
+    assert all(p.startswith(release) for p in lv.paths)
+    stored = np.load(lv.paths[1], allow_pickle=True).item()
     assert np.allclose(lv[1][0][:, 3:].numpy(), stored["rgb"][:16])
 
 
@@ -582,8 +598,8 @@ def test_broken_benchmark_files(release):
     with pytest.raises(BadInput, match="unknown benchmark 'shapenet55'"):
         data.load_benchmarks(release, names=("shapenet55",), clip_dim=D)
     lvis = data.load_benchmarks(release, names=("lvis",), clip_dim=D)["lvis"]
-    os.remove(lvis.clouds.paths[0])
-    with pytest.raises(BadInput, match=os.path.basename(lvis.clouds.paths[0])):
+    os.remove(lvis.paths[0])
+    with pytest.raises(BadInput, match=os.path.basename(lvis.paths[0])):
         lvis[0]
 
 
@@ -642,20 +658,26 @@ def test_broken_shape_is_skipped_and_counted(release, how):
     break_shape(ds.paths[2], how)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        assert ds[2] is None and ds[2] is None
+        first, again = ds[2], ds[2]
     assert len(caught) == 1 and ds.paths[2] in str(caught[0].message)   # once per path
+    # the next shape that loads stands in, marked invalid: the batch keeps its size, the loss leaves it out
+    assert not first["valid"] and not again["valid"] and first["index"] == 2
+    assert torch.equal(first["points"], ds[3]["points"]) and torch.equal(first["text_feat"], ds[3]["text_feat"])
     loader, sampler = data.make_train_loader(ds, batch_size=12)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         (batch,) = list(loader)
-    assert batch["num_skipped"] == 1 and len(batch["index"]) == 12 and batch["valid"].sum() == 11
-    assert 2 not in batch["index"].tolist() and batch["valid"][:11].all()
-    assert batch["index"][11] == batch["index"][0]  # the free slot repeats a loaded shape, marked invalid
+    assert len(batch["index"]) == 12 and batch["valid"].sum() == 11 and (~batch["valid"]).sum() == 1
+    assert not batch["valid"][batch["index"] == 2].any() and batch["valid"][batch["index"] != 2].all()
 
 
-def test_collate_all_broken_batch():
-    batch = data.collate_train([None, None])
-    assert batch["num_skipped"] == 2 and len(batch["index"]) == 0 and batch["points"].shape[0] == 0
+def test_every_shape_broken_is_one_clear_error(tmp_path):
+    ds = one_shape(tmp_path, make_shape("only"))
+    os.remove(ds.paths[0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(BadInput, match="cannot be read"):
+            ds[0]
 
 
 def test_check_shape_is_usable_alone():
@@ -667,67 +689,3 @@ def test_check_shape_is_usable_alone():
         data.check_shape({**good, "rgb": np.zeros((5, 3))}, "x.npy", clip_dim=D)
     with pytest.raises(BadInput, match="x.npy: text features are not laid out"):
         data.check_shape({**good, "text_feat": ["oops"]}, "x.npy", clip_dim=D)
-
-
-# ---- download ------------------------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("env", [{"HF_HUB_OFFLINE": "1"}, {"HF_ENDPOINT": "http://127.0.0.1:9"}])
-def test_download_offline_fails_with_one_line(tmp_path, env):
-    run_env = {**os.environ, "HF_HOME": str(tmp_path / "hf")}
-    run_env.pop("HF_HUB_OFFLINE", None)
-    run_env.update(env)
-    proc = subprocess.run([sys.executable, os.path.join(REPO, "data.py"), "download", "--out", str(tmp_path / "o"),
-                           "--only", "meta_data"], capture_output=True, text=True, timeout=120, env=run_env,
-                          cwd=REPO)
-    assert proc.returncode == 2, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and data.HF_DATASET in lines[0]
-    assert "cannot download from the Hugging Face Hub" in lines[0]
-
-
-def test_unpack_extracts_once(tmp_path):
-    out = tmp_path / "out"
-    (tmp_path / "src" / "ShapeNet").mkdir(parents=True)
-    (tmp_path / "src" / "ShapeNet" / "a.npy").write_text("x")
-    os.makedirs(out)
-    with tarfile.open(out / "ShapeNet.tar.gz", "w:gz") as t:
-        t.add(tmp_path / "src" / "ShapeNet", arcname="ShapeNet")
-    with zipfile.ZipFile(out / "meta_data.zip", "w") as z:
-        z.writestr("meta_data/split/train_all.json", "[]")
-    data.unpack(str(out), ["ShapeNet.tar.gz", "meta_data.zip"])
-    assert (out / "ShapeNet" / "a.npy").read_text() == "x"
-    assert (out / "meta_data" / "split" / "train_all.json").exists()
-    (out / "ShapeNet" / "a.npy").unlink()
-    data.unpack(str(out), ["ShapeNet.tar.gz", "meta_data.zip"])   # remembered: not extracted again
-    assert not (out / "ShapeNet" / "a.npy").exists()
-
-
-def test_download_prints_estimate_fetches_parts_and_unpacks(tmp_path, monkeypatch, capsys):
-    """The hub is replaced by a fake that serves a listing and one archive: checks what we ask it for."""
-    import huggingface_hub
-    from types import SimpleNamespace
-    listing = [SimpleNamespace(rfilename="meta_data.zip", size=2_000_000_000),
-               SimpleNamespace(rfilename="ShapeNet.tar.gz", size=9_000_000_000),
-               SimpleNamespace(rfilename="Objaverse/000-000.tar.gz", size=1_000_000_000)]
-    asked = {}
-
-    class FakeApi:
-        def dataset_info(self, repo_id, files_metadata=False, timeout=None):
-            asked["info"] = (repo_id, files_metadata)
-            return SimpleNamespace(siblings=listing)
-
-    def fake_snapshot(repo_id, repo_type=None, local_dir=None, allow_patterns=None):
-        asked["snapshot"] = (repo_id, repo_type, allow_patterns)
-        with zipfile.ZipFile(os.path.join(local_dir, "meta_data.zip"), "w") as z:
-            z.writestr("meta_data/split/lvis.json", "[]")
-        return local_dir
-
-    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
-    monkeypatch.setattr(data, "hub_reachable", lambda *a, **k: True)
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot)
-    out = tmp_path / "dl"
-    data.main(["download", "--out", str(out), "--only", "meta_data", "--unpack"])
-    assert asked["info"] == (data.HF_DATASET, True)
-    assert asked["snapshot"] == (data.HF_DATASET, "dataset", ["meta_data.zip"])
-    assert "1 files, 2.0 GB" in capsys.readouterr().out
-    assert (out / "meta_data" / "split" / "lvis.json").exists()

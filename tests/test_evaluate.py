@@ -16,10 +16,11 @@ import torch.multiprocessing as mp
 
 import data
 import evaluate
-import pointclouds
+from tools import pointclouds
 import model
-from test_model import release_checkpoint
-from utils import BadInput, run_cli, setup_distributed
+from checkpoint import load_pretrained
+from test_checkpoint import release_checkpoint
+from training import BadInput, run_cli, setup_distributed
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLASSES = ["zebra", "airplane", "mug"]   # dict order, deliberately not sorted
@@ -61,7 +62,7 @@ def world(tmp_path_factory):
 
 
 def common_flags(root):
-    return ["--data", root, "--scaling", "tiny", "--num-points", str(N_POINTS), "--device", "cpu", "--workers", "0",
+    return ["--data", root, "--scaling", "tiny", "--num-points", str(N_POINTS), "--device", "cpu", "--workers", "0", "--precision", "fp32",
             "--batch-size", "4"]
 
 
@@ -108,7 +109,7 @@ def test_zero_shot_fusion_and_single_branch():
 def test_sharded_encoding_counts_every_sample_once(world):
     root, tamm, _ = world
     ds = data.load_benchmarks(root, N_POINTS)["modelnet40"]
-    m = model.load_pretrained(tamm, scaling="tiny")
+    m = load_pretrained(tamm, scaling="tiny")
     full = evaluate.extract_features(m, data.make_eval_loader(ds, 4))
     assert torch.equal(full["index"], torch.arange(len(ds))) and len(ds) == 19
     for world_size in (2, 4):
@@ -144,7 +145,7 @@ def _rank_main(rank, world_size, port, argv, out):
     ds = data.load_benchmarks(root, N_POINTS)["modelnet40"]
     loader = data.make_eval_loader(ds, 4, info.rank, info.world_size)
     local = len(list(loader.sampler))
-    feats = evaluate.extract_features(model.load_pretrained(ckpt, scaling="tiny"), loader)
+    feats = evaluate.extract_features(load_pretrained(ckpt, scaling="tiny"), loader)
     torch.save({"local": local, "index": feats["index"], "text": feats["text"]}, os.path.join(out, f"feats{rank}.pt"))
     results = evaluate.main(argv)  # the whole command line under the same process group
     with open(os.path.join(out, f"results{rank}.json"), "w") as f:
@@ -156,7 +157,7 @@ def test_two_process_gloo_run_matches_single_process(world, tmp_path):
     argv = common_flags(root) + ["--ckpt", tamm, "--tasks", "zero-shot", "--out", str(tmp_path)]
     single = evaluate.main(argv)
     mp.spawn(_rank_main, args=(2, _free_port(), argv, str(tmp_path)), nprocs=2, join=True)
-    single_text = evaluate.extract_features(model.load_pretrained(tamm, scaling="tiny"),
+    single_text = evaluate.extract_features(load_pretrained(tamm, scaling="tiny"),
                                             data.make_eval_loader(data.load_benchmarks(root, N_POINTS)["modelnet40"], 4))["text"]
     gathered = [torch.load(tmp_path / f"feats{rank}.pt") for rank in range(2)]
     assert [g["local"] for g in gathered] == [10, 9]                      # each rank encoded its own part...
@@ -197,8 +198,8 @@ def test_openshape_split_and_linear_probe_on_separable_features():
     assert evaluate.linear_probe(x[tr], labels[tr], x[te], labels[te]) > 0.95
     res = evaluate.few_shot(evaluate.probe_features({"text": x, "image": x}, "both"), labels,
                             episodes=["5x10", "10x20"], trials=2, shots=[2])
-    assert res["5-way 10-shot"]["mean"] > 0.95 and res["5-way 10-shot"]["trials"] == 2
-    assert "skipped" in res["10-way 20-shot"]          # only 6 classes
+    assert res["episodes 5-way 10-shot"]["mean"] > 0.95 and res["episodes 5-way 10-shot"]["trials"] == 2
+    assert "skipped" in res["episodes 10-way 20-shot"]          # only 6 classes
     assert res["openshape 2-shot"]["mean"] > 0.9
 
 
@@ -294,11 +295,11 @@ def test_release_checkpoint_end_to_end(world, tmp_path):
     assert all(0 <= v <= 1 for m in zs["branches"].values() for v in m.values())
     assert all(m["top3"] == 1.0 for m in zs["branches"].values())   # 3 classes
     fs = saved["few_shot"]
-    assert fs["benchmark"] == "modelnet40" and "test shapes" in fs["split"]
-    assert fs["settings"]["2-way 2-shot"]["trials"] == 2 and 0 <= fs["settings"]["3-way 3-shot"]["mean"] <= 1
+    assert fs["benchmark"] == "modelnet40" and fs["feature"] == "both"
+    assert fs["settings"]["episodes 2-way 2-shot"]["trials"] == 2 and 0 <= fs["settings"]["episodes 3-way 3-shot"]["mean"] <= 1
     assert fs["settings"]["openshape 2-shot"]["classes_in_pool"] == 3
     md = (out / "eval_tamm_tiny.md").read_text()
-    assert "| modelnet40 | 19 | 3 | 33.33 | fused |" in md and "2-way 2-shot" in md
+    assert "| modelnet40 | 19 | 3 | 33.33 | fused |" in md and "episodes 2-way 2-shot" in md
 
 
 def test_openshape_checkpoint_is_reported_as_one_branch(world, tmp_path):
@@ -315,12 +316,12 @@ def test_own_clouds_dump_features_in_order(world, tmp_path):
         files.append(str(tmp_path / f"c{k}.npy"))
         np.save(files[-1], rng.standard_normal((n, 6)).astype(np.float32) % 1)
     out = str(tmp_path / "feats.npz")
-    evaluate.main(["--ckpt", tamm, "--scaling", "tiny", "--device", "cpu", "--num-points", "128", "--pc", *files,
+    evaluate.main(["--ckpt", tamm, "--scaling", "tiny", "--device", "cpu", "--num-points", "128", "--precision", "fp32", "--pc", *files,
                    "--dump-features", out])
     z = np.load(out)
     assert z["backbone"].shape == (2, 128) and z["text"].shape == (2, 1280) and z["image"].shape == (2, 1280)
     assert list(z["files"]) == files
-    m = model.load_pretrained(tamm, scaling="tiny")
+    m = load_pretrained(tamm, scaling="tiny")
     with torch.no_grad():
         one = m(pointclouds.prepare_points(*pointclouds.read_point_cloud(files[1]), 128, "y")[None])
     np.testing.assert_allclose(z["text"][1], one["text"][0].numpy(), atol=1e-5)  # unnormalised, file order

@@ -23,8 +23,8 @@ TINY = {
     "train_stage2.py": [*TINY_TRAIN, "--max-steps", "2", "--val", "none"],
     "evaluate.py": ["--tasks", "zero-shot", "--num-points", "256", "--workers", "0"],
 }
-NEEDS_NETWORK = ("data.py download", "tamm-ensemble", "openshape-pointbert", "laion2b_s39b_b160k",
-                 "clip_features.py classes")
+NEEDS_NETWORK = ("tools.download", "tamm-ensemble", "openshape-pointbert", "laion2b_s39b_b160k",
+                 "tools.clip_features classes")
 
 
 def readme_commands():
@@ -46,6 +46,8 @@ def adapt(command, world, port):
             argv.insert(3, "--standalone")
     else:
         argv[0] = sys.executable
+    if argv[1] == "-m" and argv[2].startswith("tools."):  # a tool: `python -m tools.x` finds it through PYTHONPATH (set by the test)
+        return argv
     script = next(a for a in argv if a.endswith(".py"))
     argv[argv.index(script)] = os.path.join(REPO, script)
     if "--data" not in argv and script in ("train_stage1.py", "train_stage2.py"):
@@ -73,7 +75,7 @@ def test_every_readme_command_runs(tiny_world, tmp_path):
     with open(tmp_path / "chair.ply", "w") as f:
         f.write("ply\nformat ascii 1.0\nelement vertex 400\nproperty float x\nproperty float y\nproperty float z\n"
                 "end_header\n" + "\n".join(" ".join(map(str, p)) for p in xyz) + "\n")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
     for command in commands:
         argv = adapt(command, tiny_world, free_port())
         proc = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)

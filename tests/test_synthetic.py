@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import synthetic
+from tools import synthetic
 from adapters import ClipImageAdapter
-from utils import BadInput
+from training import BadInput
 
 SMALL = dict(num_shapes=96, num_points=512, num_test_per_class=4)
 TINY = dict(num_shapes=12, num_points=64, num_test_per_class=1, progress=False)

@@ -9,7 +9,7 @@ import torch
 import model
 import train_stage1
 import train_stage2
-from adapters import load_cia
+from checkpoint import load_cia, load_pretrained
 from conftest import TINY_TRAIN
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -40,7 +40,7 @@ def test_stage2_loss_falls_and_checkpoint_reloads(tiny_world, tmp_path):
     assert any("val_fused_top1" in r for r in log)
     ckpt = torch.load(os.path.join(run_dir, "latest.pt"), weights_only=True)
     assert ckpt["step"] == len(losses) and ckpt["epoch"] == 6 and ckpt["batch_in_epoch"] == 0
-    m = model.load_pretrained(os.path.join(run_dir, "latest.pt"))
+    m = load_pretrained(os.path.join(run_dir, "latest.pt"))
     assert all(torch.equal(v, ckpt["model"][k]) for k, v in m.state_dict().items())
     info = json.load(open(os.path.join(run_dir, "config.json")))
     assert info["args"]["scaling"] == "tiny" and info["packages"]["torch"]

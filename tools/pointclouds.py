@@ -1,17 +1,17 @@
-"""Reading your own point clouds: .npy / .npz / .ply (ASCII, binary) / .xyz / .txt, and preparing them as
-TAMM's evaluation prepares benchmark shapes (first N points, y/z swap, unit sphere; tamm-facts.md section 5).
+"""Point-cloud files: your own clouds (.npy / .npz / .ply ASCII or binary / .xyz / .txt) and Point-BERT's
+ModelNet40 few-shot folds, prepared as TAMM's evaluation prepares shapes (first N points, y/z swap, unit sphere).
 
-Used by `python evaluate.py --pc FILE ... [--labels ...] [--dump-features OUT.npz]`.
+Used by `python evaluate.py --pc FILE ... [--labels ...] [--dump-features OUT.npz]` and `--fewshot-folds DIR`.
 """
 import os
+import pickle
+import re
 
 import numpy as np
 import torch
 
 import data
-from utils import BadInput
-
-GREY = data.GREY  # rgb of colourless points (OpenShape/TAMM)
+from training import BadInput
 
 
 PLY_TYPES = {"char": "i1", "int8": "i1", "uchar": "u1", "uint8": "u1", "short": "i2", "int16": "i2",
@@ -129,7 +129,7 @@ def read_point_cloud(path):
     xyz = np.asarray(xyz, np.float64)
     if xyz.ndim != 2 or xyz.shape[1] != 3 or len(xyz) == 0:
         raise BadInput(f"{path}: xyz has shape {xyz.shape}, expected (N, 3) with N > 0")
-    rgb = np.full_like(xyz, GREY) if rgb is None else np.asarray(rgb, np.float64)
+    rgb = np.full_like(xyz, data.GREY) if rgb is None else np.asarray(rgb, np.float64)
     if rgb.shape != xyz.shape:
         raise BadInput(f"{path}: rgb has shape {rgb.shape}, xyz has {xyz.shape}")
     if not (np.isfinite(xyz).all() and np.isfinite(rgb).all()):
@@ -150,3 +150,52 @@ def prepare_points(xyz, rgb, num_points, up="y"):
     idx = data.choose_points(len(xyz), num_points, np.random.default_rng(0), first=True)
     xyz = xyz[idx] if up == "y" else xyz[idx][:, [0, 2, 1]]
     return torch.from_numpy(np.concatenate([data.normalize(xyz), rgb[idx]], 1).astype(np.float32))
+
+
+# ---- Point-BERT's ModelNet40 few-shot folds (TAMM main_linear_probing.py, dataset/ModelNetDatasetFewShot.py) ----
+
+FOLDS, FOLD_QUERIES = 10, 20  # folds 0-9 per setting; 20 query shapes per class in each fold's test list
+
+
+def fewshot_settings(folder):
+    """{(way, shot): [fold 0..9 paths]} of DIR/{way}way_{shot}shot/{fold}.pkl; BadInput if a fold is missing."""
+    settings = {}
+    for name in sorted(os.listdir(folder)):
+        if m := re.fullmatch(r"(\d+)way_(\d+)shot", name):
+            paths = [os.path.join(folder, name, f"{k}.pkl") for k in range(FOLDS)]
+            if missing := [p for p in paths if not os.path.isfile(p)]:
+                raise BadInput(f"{missing[0]}: fold missing ({len(missing)} of {FOLDS} folds of {name} not found)")
+            settings[int(m[1]), int(m[2])] = paths
+    if not settings:
+        raise BadInput(f"--fewshot-folds {folder}: no {{way}}way_{{shot}}shot/ folders (Point-BERT's ModelNetFewshot)")
+    return settings
+
+
+def read_fewshot_fold(path, way, shot, seed=0):
+    """One fold (a PICKLE: only open trusted files) -> (train (way*shot, N, 6), labels, test (way*20, N, 6), labels).
+
+    The release's preprocessing: xyz only (the stored normals are dropped), y/z swapped, normalised, rgb = 0 (not
+    the 0.4 of colourless benchmark shapes), all stored points; the train subset's points shuffled, the test's not."""
+    try:
+        with open(path, "rb") as f:
+            fold = pickle.load(f)
+    except Exception as e:  # unpickling a damaged or foreign file can raise almost anything
+        raise BadInput(f"{path}: cannot read the fold ({type(e).__name__})") from None
+    out, rng = [], np.random.default_rng(seed)
+    for subset, size in (("train", way * shot), ("test", way * FOLD_QUERIES)):
+        items = fold.get(subset) if isinstance(fold, dict) else None
+        if not isinstance(items, list) or not all(isinstance(x, (tuple, list)) and len(x) == 3 for x in items):
+            raise BadInput(f"{path}: expected {{'train': [...], 'test': [...]}} of (points, label, class_id) tuples")
+        if len(items) != size:
+            raise BadInput(f"{path}: {len(items)} {subset} shapes, a {way}-way {shot}-shot fold has {size}")
+        try:
+            clouds = [np.asarray(p, np.float32)[:, :3] for p, _, _ in items]
+            labels = torch.tensor([int(label) for _, label, _ in items])
+            points = torch.stack([torch.from_numpy(np.concatenate([data.normalize(
+                xyz[rng.permutation(len(xyz))] if subset == "train" else xyz), np.zeros_like(xyz)], 1)) for xyz in clouds])
+        except (TypeError, ValueError, IndexError, RuntimeError) as e:
+            raise BadInput(f"{path}: {subset} points are not (N, 3+) arrays of one size ({type(e).__name__})") from None
+        if not (0 <= labels.min() and labels.max() < way):
+            raise BadInput(f"{path}: {subset} labels outside 0..{way - 1}")
+        out += [points.float(), labels]
+    return tuple(out)

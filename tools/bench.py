@@ -9,7 +9,7 @@ The baselines are written here, in the style of the release (OpenShape's PointNe
   - `release_fps`: the per-step Python loop with a boolean-mask update (started at point 0, not a random point,
     so the indices can be compared);
   - `release_ball_query`: the (B, S, N) int64 index tensor, masked with N and sorted;
-  - `release_loss`: per target, normalise, logits, two F.cross_entropy calls, summed;
+  - `per_target_loss`: per target, normalise, logits, two F.cross_entropy calls, summed;
   - `baseline_encoder(enc)`: a copy of our PointBert with the SAME weights whose Attention modules compute
     softmax(QK^T)V written out in fp32 and whose PatchEmbed runs the release grouping (the functions above,
     advanced-indexing gather) with a non-inplace ReLU.
@@ -60,9 +60,10 @@ import torch.nn.functional as F
 
 import data
 import model
-import synthetic
-from loss import contrastive_loss
-from utils import BadInput, run_cli
+from loss import contrastive_loss, per_target_loss
+from tools import synthetic
+from tools.reference import baseline_encoder, release_ball_query, release_fps
+from training import BadInput, run_cli
 
 # Sizes of the issue 7 table; QUICK is for tests (seconds on CPU).
 FULL = dict(ball=dict(B=16, S=384, N=10_000, k=64, radius=0.2), fps=dict(B=16, N=10_000, S=384),
@@ -77,93 +78,6 @@ QUICK = dict(ball=dict(B=2, S=32, N=1000, k=16, radius=0.2), fps=dict(B=2, N=100
              growth_N=(500, 1000), growth_B=(32, 64), reader_batches=3)
 ROWS = ["ball_query", "fps", "loss", "encoder", "encoder_cuda", "data", "growth"]  # encoder_cuda: + grouping share
 LOGIT_SCALE = 14.28  # the temperature at initialisation (official config)
-
-
-# ---- baselines in the style of the release ---------------------------------------------------------------
-
-def release_fps(xyz, npoint):
-    """PointNet++ farthest_point_sample: one Python step per sample, boolean-mask update of the distances."""
-    B, N, _ = xyz.shape
-    centroids = torch.zeros(B, npoint, dtype=torch.long, device=xyz.device)
-    distance = torch.ones(B, N, dtype=xyz.dtype, device=xyz.device) * 1e10
-    farthest = torch.zeros(B, dtype=torch.long, device=xyz.device)  # the release: torch.randint(0, N, (B,))
-    batch_indices = torch.arange(B, dtype=torch.long, device=xyz.device)
-    for i in range(npoint):
-        centroids[:, i] = farthest
-        centroid = xyz[batch_indices, farthest, :].view(B, 1, 3)
-        dist = torch.sum((xyz - centroid) ** 2, -1)
-        mask = dist < distance
-        distance[mask] = dist[mask]
-        farthest = torch.max(distance, -1)[1]
-    return centroids
-
-
-def release_ball_query(radius, nsample, xyz, new_xyz):
-    """PointNet++ query_ball_point: a (B, S, N) int64 index, N where out of range, sorted, first nsample kept."""
-    B, N, _ = xyz.shape
-    S = new_xyz.shape[1]
-    group_idx = torch.arange(N, dtype=torch.long, device=xyz.device).view(1, 1, N).repeat([B, S, 1])
-    sqrdists = model.square_distance(new_xyz, xyz)
-    group_idx[sqrdists > radius ** 2] = N
-    group_idx = group_idx.sort(dim=-1)[0][:, :, :nsample]
-    group_first = group_idx[:, :, 0].view(B, S, 1).repeat([1, 1, nsample])
-    mask = group_idx == N
-    group_idx[mask] = group_first[mask]
-    return group_idx
-
-
-def release_index_points(points, idx):
-    """PointNet++ index_points: advanced indexing with a materialised batch index of idx's shape."""
-    B = points.shape[0]
-    batch_indices = torch.arange(B, device=points.device).view(B, *[1] * (idx.dim() - 1)).repeat([1, *idx.shape[1:]])
-    return points[batch_indices, idx, :]
-
-
-def release_loss(anchors, targets, scale):
-    """OpenShape/TAMM's loss: for each target set, normalise, logits, (CE(L) + CE(L.T)) / 2; summed."""
-    total = 0.0
-    labels = torch.arange(anchors.shape[1], device=anchors.device)
-    for p in range(anchors.shape[0]):
-        a, t = F.normalize(anchors[p], dim=1), F.normalize(targets[p], dim=1)
-        logits = scale * a @ t.T
-        total = total + (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
-    return total
-
-
-def release_patch_embed(self, xyz, feats):
-    """PointNetSetAbstraction.forward of the release (sample_and_group, conv-BN-ReLU, max) on PatchEmbed's weights."""
-    B = xyz.shape[0]
-    fps_idx = release_fps(xyz, self.num_patches)
-    new_xyz = release_index_points(xyz, fps_idx)                                      # (B, S, 3)
-    idx = release_ball_query(self.radius, self.k, xyz, new_xyz)                       # (B, S, k)
-    grouped_xyz = release_index_points(xyz, idx) - new_xyz.view(B, -1, 1, 3)          # (B, S, k, 3)
-    new_points = torch.cat([grouped_xyz, release_index_points(feats, idx)], -1)       # (B, S, k, 3 + C)
-    new_points = new_points.permute(0, 3, 2, 1)                                       # (B, 3 + C, k, S)
-    for conv, bn in zip(self.convs, self.norms):  # the release's Conv2d 1x1 + BatchNorm2d, on our parameters
-        x = F.conv2d(new_points, conv.weight.view(*conv.weight.shape[:2], 1, 1), conv.bias)
-        x = F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.training, bn.momentum, bn.eps)
-        new_points = F.relu(x)
-    return new_xyz, torch.max(new_points, 2)[0].transpose(1, 2)                       # (B, S, 3), (B, S, sa_dim)
-
-
-def eager_attention(self, x):
-    """The release's Attention.forward: softmax(Q K^T * scale) V, every intermediate materialised."""
-    B, T, _ = x.shape
-    q, k, v = self.qkv(x).view(B, T, 3, self.heads, -1).permute(2, 0, 3, 1, 4)      # 3 x (B, H, T, dh)
-    dots = torch.matmul(q, k.transpose(-1, -2)) * q.shape[-1] ** -0.5                 # (B, H, T, T)
-    out = torch.matmul(dots.softmax(dim=-1), v)                                       # (B, H, T, dh)
-    return self.proj(out.transpose(1, 2).reshape(B, T, -1))
-
-
-def baseline_encoder(enc):
-    """A copy of `enc` (same weights) with the release's attention and grouping; `enc` itself is untouched."""
-    base = copy.deepcopy(enc)
-    for m in base.modules():
-        if isinstance(m, model.Attention):
-            m.forward = types.MethodType(eager_attention, m)
-        elif isinstance(m, model.PatchEmbed):
-            m.forward = types.MethodType(release_patch_embed, m)
-    return base
 
 
 # ---- measuring ------------------------------------------------------------------------------------------
@@ -317,7 +231,7 @@ def loss_ops(c, device):
     def run(loss_fn):
         loss = loss_fn(anchors, targets, log_scale.exp())
         return (loss.detach(), *torch.autograd.grad(loss, [anchors, log_scale]))
-    fns = {"baseline": lambda: run(release_loss), "ours": lambda: run(lambda a, t, s: contrastive_loss(a, t, s).loss)}
+    fns = {"baseline": lambda: run(lambda a, t, s: per_target_loss(a, t, s)[0]), "ours": lambda: run(lambda a, t, s: contrastive_loss(a, t, s).loss)}
     if c.get("chunk"):
         fns["chunked"] = lambda: run(lambda a, t, s: contrastive_loss(a, t, s, chunk_size=c["chunk"]).loss)
     return fns

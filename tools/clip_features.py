@@ -1,8 +1,8 @@
 """CLIP features with open_clip for your own labels and shapes (the frozen teacher of TAMM, paper Sec. 3).
 
 TAMM never runs CLIP while training: the OpenShape release ships precomputed ViT-bigG-14 features of the
-rendered views and texts of every shape, and of the class names of each evaluation set (tamm-facts.md
-section 4). This file makes the same features for data that is not in the release:
+rendered views and texts of every shape, and of the class names of each evaluation set (docs/data-format.md).
+This file makes the same features for data that is not in the release:
 
 - `classes`: class names -> prompt-ensembled text features (each name filled into PROMPT_TEMPLATES, every
   prompt encoded and L2-normalised, averaged over templates, re-normalised; open_clip's zero-shot recipe),
@@ -20,8 +20,8 @@ section 4). This file makes the same features for data that is not in the releas
   The texts of a shape are its entry in `--captions FILE` (JSON: {shape id: [text, ...] or "text"}) followed
   by the lines of its captions.txt; each gets `original` and `prompt_avg` features. Views are not points, so
   points.npy is required (the trainer needs xyz/rgb); store it y-up like the release (the reader swaps y/z).
-  Points without colour get rgb = 0.4, the value OpenShape/TAMM use for colourless points. BLIP/MSFT
-  captions are "" with all-zero features and retrieval texts are empty: the reader only uses non-empty ones.
+  Points are read as `evaluate.py --pc` reads files (tools/pointclouds.py: rgb on 0-255 is divided by 255, no rgb
+  gives 0.4, as OpenShape and TAMM colour colourless points). BLIP/MSFT captions are "" with all-zero features and retrieval texts are empty: the reader only uses non-empty ones.
   All features are L2-normalised float32.
 
 Weights: `--pretrained` is an open_clip tag (default laion2b_s39b_b160k, downloaded once into the Hugging
@@ -29,12 +29,11 @@ Face cache, ~10 GB), a local weights file, or `none` (random weights, for demos 
 the tag works only if the cache (HF_HOME) already holds it; otherwise download the file on a machine with
 network and pass its path.
 
-    python clip_features.py classes --names "chair,table,lamp" --out cat_name_pt_feat.npy        # CPU works
-    python clip_features.py classes --names-file lvis_names.txt --layout lvis --out lvis_cat_name_pt_feat.npy
-    python clip_features.py shapes --images renders/ --captions captions.json --out my_shapes/ --device cuda
-    python clip_features.py classes --names a,b --out demo.npy --model ViT-B-32 --pretrained none  # demo
+    python -m tools.clip_features classes --names "chair,table,lamp" --out cat_name_pt_feat.npy        # CPU works
+    python -m tools.clip_features classes --names-file lvis_names.txt --layout lvis --out lvis_cat_name_pt_feat.npy
+    python -m tools.clip_features shapes --images renders/ --captions captions.json --out my_shapes/ --device cuda
+    python -m tools.clip_features classes --names a,b --out demo.npy --model ViT-B-32 --pretrained none  # demo
 """
-import argparse
 import json
 import os
 import sys
@@ -49,84 +48,38 @@ from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
 from PIL import Image
 from tqdm import tqdm
 
-from utils import BadInput, atomic_save, check_writable, hub_reachable, run_cli
+from data import save_npy
+from tools.download import hub_check
+from tools.pointclouds import read_point_cloud
+from training import (BadInput, Parser, check_writable, device, existing_dir, existing_file, output_dir, output_file,
+                      parse_names, run_cli)
 
-# The teacher of OpenShape and TAMM (tamm-facts.md section 1): 1280-d features.
+# The teacher of OpenShape and TAMM (OpenShape src/configs/train.yaml clip_embed_version): 1280-d features.
 DEFAULT_MODEL = "ViT-bigG-14"
 DEFAULT_PRETRAINED = "laion2b_s39b_b160k"
-# Seconds to wait for the Hugging Face Hub before saying there is no network (the hub client itself keeps
-# retrying about 50 s, which reads as a hang).
-HUB_PROBE_TIMEOUT = 5.0
 # Render formats PIL reads; any other file in a shape folder (points.npy, captions.txt) is not a view.
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
-# Points without colour: OpenShape/TAMM feed rgb = 0.4 (tamm-facts.md section 5).
-DEFAULT_RGB = 0.4
 
 # Our own wording of the ~60 prompts OpenShape-style ensembling uses (the release averages 64). They describe
 # renders and scans of 3D objects, since that is what the point encoder is aligned to.
 PROMPT_TEMPLATES = [
-    "a 3D model of a {}.",
-    "a 3D rendering of a {}.",
-    "a render of a {} on a plain background.",
-    "a point cloud of a {}.",
-    "a 3D scan of a {}.",
-    "a CAD model of a {}.",
-    "a mesh of a {}.",
-    "a low-poly model of a {}.",
-    "a high-poly model of a {}.",
-    "a detailed 3D model of a {}.",
-    "a simple 3D model of a {}.",
-    "a textured 3D model of a {}.",
-    "an untextured 3D model of a {}.",
-    "a grey 3D model of a {}.",
-    "a colourful 3D model of a {}.",
-    "a digital model of a {}.",
-    "a computer graphics image of a {}.",
-    "a video game asset of a {}.",
-    "a 3D print of a {}.",
-    "a sculpture of a {}.",
-    "a toy {}.",
-    "a miniature {}.",
-    "a small {}.",
-    "a large {}.",
-    "a big 3D model of a {}.",
-    "a tiny 3D model of a {}.",
-    "a {} seen from the front.",
-    "a {} seen from the side.",
-    "a {} seen from above.",
-    "a {} seen from behind.",
-    "a {} seen from below.",
-    "a {} viewed at an angle.",
-    "a close-up render of a {}.",
-    "a render of a {} from far away.",
-    "a turntable render of a {}.",
-    "a shaded render of a {}.",
-    "a wireframe of a {}.",
-    "a voxel model of a {}.",
-    "a reconstruction of a {}.",
-    "a LiDAR scan of a {}.",
-    "a depth scan of a {}.",
-    "a sparse point cloud of a {}.",
-    "a dense point cloud of a {}.",
-    "a noisy scan of a {}.",
-    "a partial scan of a {}.",
-    "a clean 3D model of a {}.",
-    "a rough 3D model of a {}.",
-    "a stylised 3D model of a {}.",
-    "a realistic 3D model of a {}.",
-    "a cartoon 3D model of a {}.",
-    "an old {} in 3D.",
-    "a modern {} in 3D.",
-    "a broken {} in 3D.",
-    "a photo of a {}.",
-    "a picture of a {}.",
-    "an image of a {}.",
-    "a 3D object that is a {}.",
-    "a 3D shape of a {}.",
-    "the 3D geometry of a {}.",
-    "there is a {} in the scene.",
-    "a {}.",
-    "{}",
+    "a 3D model of a {}.", "a 3D rendering of a {}.", "a render of a {} on a plain background.",
+    "a point cloud of a {}.", "a 3D scan of a {}.", "a CAD model of a {}.", "a mesh of a {}.",
+    "a low-poly model of a {}.", "a high-poly model of a {}.", "a detailed 3D model of a {}.",
+    "a simple 3D model of a {}.", "a textured 3D model of a {}.", "an untextured 3D model of a {}.",
+    "a grey 3D model of a {}.", "a colourful 3D model of a {}.", "a digital model of a {}.",
+    "a computer graphics image of a {}.", "a video game asset of a {}.", "a 3D print of a {}.",
+    "a sculpture of a {}.", "a toy {}.", "a miniature {}.", "a small {}.", "a large {}.", "a big 3D model of a {}.",
+    "a tiny 3D model of a {}.", "a {} seen from the front.", "a {} seen from the side.", "a {} seen from above.",
+    "a {} seen from behind.", "a {} seen from below.", "a {} viewed at an angle.", "a close-up render of a {}.",
+    "a render of a {} from far away.", "a turntable render of a {}.", "a shaded render of a {}.",
+    "a wireframe of a {}.", "a voxel model of a {}.", "a reconstruction of a {}.", "a LiDAR scan of a {}.",
+    "a depth scan of a {}.", "a sparse point cloud of a {}.", "a dense point cloud of a {}.",
+    "a noisy scan of a {}.", "a partial scan of a {}.", "a clean 3D model of a {}.", "a rough 3D model of a {}.",
+    "a stylised 3D model of a {}.", "a realistic 3D model of a {}.", "a cartoon 3D model of a {}.",
+    "an old {} in 3D.", "a modern {} in 3D.", "a broken {} in 3D.", "a photo of a {}.", "a picture of a {}.",
+    "an image of a {}.", "a 3D object that is a {}.", "a 3D shape of a {}.", "the 3D geometry of a {}.",
+    "there is a {} in the scene.", "a {}.", "{}",
 ]
 
 
@@ -140,14 +93,9 @@ def _tag_weights(model_name, tag, cfg):
         cached = try_to_load_from_cache(repo, name)
         if isinstance(cached, str):
             return cached
-    how = (f"download {hf_constants.ENDPOINT}/{repo} on a machine with network and pass the weights file "
-           f"with --pretrained PATH, or set HF_HOME to a Hugging Face cache that holds it")
-    if hf_constants.is_offline_mode():
-        raise BadInput(f"--pretrained {tag}: {model_name} weights are not in the Hugging Face cache and "
-                       f"HF_HUB_OFFLINE is set; {how}")
-    if not hub_reachable(hf_constants.ENDPOINT, HUB_PROBE_TIMEOUT):
-        raise BadInput(f"--pretrained {tag}: cannot reach {hf_constants.ENDPOINT} to download {model_name} "
-                       f"weights (no network?); {how}")
+    hub_check(f"--pretrained {tag}", f"{model_name} weights are not in the Hugging Face cache: download "
+              f"{hf_constants.ENDPOINT}/{repo} on a machine with network and pass the weights file with --pretrained "
+              f"PATH, or set HF_HOME to a Hugging Face cache that holds it")
     return open_clip.download_pretrained(cfg)
 
 
@@ -232,11 +180,6 @@ def encode_class_names(names, model, tokenizer, templates=PROMPT_TEMPLATES, devi
     return _prompt_average(list(names), model, tokenizer, templates, device)
 
 
-def _save_npy(obj, path):
-    """np.save, atomically: an interrupted run never leaves a half-written file."""
-    atomic_save(obj, path, save=lambda o, f: np.save(f, o, allow_pickle=True))
-
-
 def write_class_features(names, feats, path, layout="modelnet"):
     """Write class features in the release layout: "modelnet" (dict by name, in order) or "lvis" (C x D)."""
     _check_names(names)
@@ -244,9 +187,9 @@ def write_class_features(names, feats, path, layout="modelnet"):
     if feats.ndim != 2 or feats.shape[0] != len(names):
         raise BadInput(f"{path}: need one feature row per class name ({len(names)}), got shape {feats.shape}")
     if layout == "modelnet":
-        _save_npy({name: {"open_clip_text_feat": feats[i:i + 1]} for i, name in enumerate(names)}, path)
+        save_npy(path, {name: {"open_clip_text_feat": feats[i:i + 1]} for i, name in enumerate(names)})
     elif layout == "lvis":
-        _save_npy(feats, path)
+        save_npy(path, feats)
     else:
         raise BadInput(f"--layout {layout}: expected 'modelnet' or 'lvis'")
 
@@ -314,24 +257,6 @@ def scan_shape_folder(images_dir):
     return shapes
 
 
-def _read_points(path):
-    """(xyz, rgb) float32 (N, 3) each from points.npy; rgb = DEFAULT_RGB when the file has no colour."""
-    try:
-        pts = np.load(path)
-    except Exception as e:  # numpy raises ValueError, OSError or EOFError on damaged files
-        raise BadInput(f"{path}: not a readable .npy array ({type(e).__name__})") from None
-    if pts.ndim != 2 or pts.shape[1] not in (3, 6) or len(pts) == 0 or not np.issubdtype(pts.dtype, np.number):
-        raise BadInput(f"{path}: expected a numeric (N, 6) or (N, 3) array, got {pts.dtype} {pts.shape}")
-    pts = pts.astype(np.float32)
-    if not np.isfinite(pts).all():
-        raise BadInput(f"{path}: points contain NaN or inf")
-    xyz = pts[:, :3]
-    rgb = pts[:, 3:] if pts.shape[1] == 6 else np.full_like(xyz, DEFAULT_RGB)
-    if rgb.min() < 0 or rgb.max() > 1:
-        raise BadInput(f"{path}: rgb must be in [0, 1] (divide 0-255 colours by 255)")
-    return np.ascontiguousarray(xyz), np.ascontiguousarray(rgb)
-
-
 @torch.no_grad()
 def _encode_images(paths, model, preprocess, device):
     """(V, D) float32 L2-normalised CLIP image features; transparent pixels are put on white."""
@@ -363,7 +288,7 @@ def encode_shape_folder(images_dir, out_dir, model, tokenizer, preprocess, capti
     group = os.path.basename(os.path.normpath(images_dir))
     written, split = [], []
     for sid, views, thumbnail, points in tqdm(shapes, desc="shapes"):
-        xyz, rgb = _read_points(points)
+        xyz, rgb = read_point_cloud(points)
         texts = list(texts_by_id.get(sid, []))
         txt = os.path.join(images_dir, sid, "captions.txt")
         if os.path.isfile(txt):
@@ -387,7 +312,7 @@ def encode_shape_folder(images_dir, out_dir, model, tokenizer, preprocess, capti
         if thumbnail is not None:
             shape["thumbnail_feat"] = _encode_images([thumbnail], model, preprocess, device)[0]
         path = os.path.abspath(os.path.join(out_dir, f"{sid}.npy"))
-        _save_npy(shape, path)
+        save_npy(path, shape)
         written.append(path)
         split.append({"id": sid, "data_path": path, "dataset": dataset, "group": group})
     with open(os.path.join(out_dir, "split.json"), "w") as f:
@@ -395,45 +320,35 @@ def encode_shape_folder(images_dir, out_dir, model, tokenizer, preprocess, capti
     return written
 
 
-def _names_from_args(args):
-    if args.names is not None:
-        return [n.strip() for n in args.names.split(",")]
-    try:
-        with open(args.names_file) as f:
-            return [line.strip() for line in f if line.strip()]
-    except OSError as e:
-        raise BadInput(f"--names-file {args.names_file}: cannot read ({e.strerror})") from None
-
-
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="CLIP features of class names or rendered shapes (open_clip).")
+    parser = Parser("CLIP features of class names or rendered shapes (open_clip).")
     parser.add_argument("--model", default=DEFAULT_MODEL, help="open_clip model name")
     parser.add_argument("--pretrained", default=DEFAULT_PRETRAINED, help="open_clip tag, weights file, or 'none'")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu")
     sub = parser.add_subparsers(dest="command", required=True)
     classes = sub.add_parser("classes", help="class names -> prompt-ensembled text features")
     names = classes.add_mutually_exclusive_group(required=True)
     names.add_argument("--names", help="comma-separated class names")
-    names.add_argument("--names-file", help="text file, one class name per line")
-    classes.add_argument("--out", required=True, help="output .npy")
+    names.add_argument("--names-file", type=existing_file, help="text file, one class name per line")
+    classes.add_argument("--out", type=output_file, required=True, help="output .npy")
     classes.add_argument("--layout", choices=["modelnet", "lvis"], default="modelnet")
     shapes = sub.add_parser("shapes", help="folder of rendered shapes -> per-shape release-format .npy")
-    shapes.add_argument("--images", required=True, help="folder with one sub-folder of views per shape")
-    shapes.add_argument("--captions", help="JSON {shape id: [texts]}")
-    shapes.add_argument("--out", required=True, help="output folder")
+    shapes.add_argument("--images", type=existing_dir, required=True, help="folder with one sub-folder of views per shape")
+    shapes.add_argument("--captions", type=existing_file, help="JSON {shape id: [texts]}")
+    shapes.add_argument("--out", type=output_dir, required=True, help="output folder")
     shapes.add_argument("--dataset", default="custom", help="value of the 'dataset' field")
     args = parser.parse_args(argv)
 
     # Check everything cheap before loading CLIP, which takes minutes for ViT-bigG-14.
     if args.command == "classes":
-        class_names = _names_from_args(args)
+        class_names = parse_names(args.names if args.names is not None else args.names_file,
+                                  "--names" if args.names is not None else "--names-file")
         _check_names(class_names)
-        check_writable(os.path.dirname(os.path.abspath(args.out)))
     else:
         scan_shape_folder(args.images)
         if args.captions:
             _read_captions(args.captions)
-        check_writable(args.out)
+        check_writable(args.out, "--out")
     model, tokenizer, preprocess = load_clip(args.model, args.pretrained, args.device)
     if args.command == "classes":
         feats = encode_class_names(class_names, model, tokenizer, device=args.device)
