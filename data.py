@@ -56,6 +56,7 @@ GPT4_FILTER = ("meta_data/gpt4_filtering.json", "meta_data/Pre-Training/gpt4_fil
 KNN_FILE = ("meta_data/point_feat_knn.npy", "meta_data/Pre-Training/point_feat_knn.npy")
 BENCHMARK_DIRS = {"modelnet40": ("meta_data/modelnet40", "meta_data/Zero-Shot/modelnet40"),
                   "scanobjectnn": ("meta_data/scanobjectnn", "meta_data/Zero-Shot/scanobjectnn"), "val": ("meta_data/val",)}
+RELEASE_SPLITS = ("train_all", "train_no_lvis", "ablation/train_shapenet_only", "lvis")  # what meta_data/split/ holds
 LVIS_SPLIT = ("meta_data/split/lvis.json", "meta_data/Pre-Training/split/lvis.json")
 LVIS_FEAT = ("meta_data/lvis_cat_name_pt_feat.npy", "meta_data/Zero-Shot/LVIS/lvis_cat_name_pt_feat.npy")
 
@@ -208,6 +209,17 @@ def resolve_split(root, split):
         raise BadInput(f"{os.path.join(root, SPLIT_DIRS[0], split + '.json')}: split file not found "
                        f"(also looked in {SPLIT_DIRS[1]}/)")
     return found
+
+
+def check_split(root, split):
+    """--split before any work: a split file under root, or, without a root (the synthetic world, built
+    later, which has the release's splits), one of RELEASE_SPLITS or a JSON file."""
+    if root:
+        return resolve_split(root, split)
+    if split not in RELEASE_SPLITS and not (split.endswith(".json") and os.path.isfile(split)):
+        raise BadInput(f"--split {split}: not a split of the synthetic world ({', '.join(RELEASE_SPLITS)}) "
+                       f"nor a JSON file")
+    return split
 
 
 def check_root(root):
@@ -508,6 +520,12 @@ def read_lvis(split_path, feat_path, root, path_prefix=PATH_PREFIX, clip_dim=CLI
     ds = ZeroShotSet("lvis", names, feats, [names.index(e["category"]) for e in split], load, **kw)
     ds.paths = paths
     return ds
+
+
+def has_benchmark(root, name):
+    """True if some file of benchmark `name` is under root (load_benchmarks then reads it, or names what is
+    missing); a cheap check before any work."""
+    return bool(find_file(root, LVIS_SPLIT + LVIS_FEAT if name == "lvis" else BENCHMARK_DIRS.get(name, ())))
 
 
 def load_benchmarks(root, num_points=NUM_POINTS, names=("modelnet40", "lvis", "scanobjectnn"),

@@ -309,6 +309,7 @@ def run_point_clouds(args, model, env, num_points):
             if env.is_main:
                 print(f"{path}: " + " | ".join(f"{name} {v:.3f}" for name, v in predictions[path]))
     if args.dump_features and env.is_main:
+        os.makedirs(os.path.dirname(os.path.abspath(args.dump_features)), exist_ok=True)  # checked, not made, at parse
         with open(args.dump_features, "wb") as f:  # a file handle keeps the exact name (np.savez adds .npz)
             np.savez(f, **{k: v.numpy() for k, v in feats.items()}, files=np.array(args.pc))
         print(f"wrote features of {len(args.pc)} clouds to {args.dump_features}")
@@ -384,24 +385,31 @@ def parse_args(argv):
     g.add_argument("--dump-features", type=T.output_file, help="OUT.npz with backbone, text, image and files")
     args = p.parse_args(argv)
     # Everything cheap and user-made is checked here, before a model loads or a shape is encoded.
-    for setting in args.episodes:
-        if not (len(parts := setting.split("x")) == 2 and all(v.isdigit() and int(v) > 0 for v in parts)):
-            raise T.BadInput(f"--episodes {setting}: expected N-way x K-shot such as 5x10")
-    args.ckpts = args.compare or [args.ckpt]
+    for setting in args.episodes:  # N >= 2: a 1-way episode has nothing to tell apart
+        if not (len(parts := setting.split("x")) == 2 and all(v.isdigit() for v in parts) and int(parts[0]) > 1
+                and int(parts[1]) > 0):
+            raise T.BadInput(f"--episodes {setting}: expected N-way x K-shot such as 5x10 (N >= 2, K >= 1)")
+    T.check_points(args.num_points)  # the checkpoint's own size is checked once it is loaded
+    args.ckpts, flag = (args.compare, "--compare") if args.compare else ([args.ckpt], "--ckpt")
     for c in args.ckpts:
         if not (os.path.isfile(c) or (c in NAMED_CHECKPOINTS and not os.path.exists(c))):
-            raise T.BadInput(f"--ckpt {c}: {'a folder' if os.path.isdir(c) else 'no such file'}, and not one of the "
+            raise T.BadInput(f"{flag} {c}: {'a folder' if os.path.isdir(c) else 'no such file'}, and not one of the "
                              f"released names ({', '.join(NAMED_CHECKPOINTS)})")
     if args.pc and args.compare:
         raise T.BadInput("--pc takes one --ckpt, not --compare")
     if args.pc and not (args.labels is not None or args.dump_features):
         raise T.BadInput("--pc needs --labels (zero-shot) and/or --dump-features OUT.npz")
+    if not args.pc and (args.labels is not None or args.dump_features):
+        raise T.BadInput(f"{'--labels' if args.labels is not None else '--dump-features'} needs --pc FILE ... "
+                         f"(the point clouds to classify or encode)")
+    if args.data and not args.pc and not any(data.has_benchmark(args.data, b) for b in args.benchmarks):
+        raise T.BadInput(f"--data {args.data}: none of the benchmarks {', '.join(args.benchmarks)} found "
+                         f"(see docs/data-format.md)")
     args.clouds = [pointclouds.read_point_cloud(path) for path in args.pc or []]
     args.labels = T.parse_names(args.labels, "--labels") if args.labels is not None else None
     if args.labels:
-        import open_clip
-        if args.clip_model not in open_clip.list_models():
-            raise T.BadInput(f"--clip-model {args.clip_model}: not an open_clip model name (e.g. ViT-bigG-14)")
+        from tools import clip_features
+        clip_features.check_clip(args.clip_model, args.clip_pretrained, ("--clip-model", "--clip-pretrained"))
     args.folds = pointclouds.fewshot_settings(args.fewshot_folds) if args.fewshot_folds and "few-shot" in args.tasks else None
     if not args.pc:
         named = all(c in NAMED_CHECKPOINTS and not os.path.exists(c) for c in args.ckpts)

@@ -81,8 +81,7 @@ def parse_args(argv):
     p.add_argument("--path-prefix", default=data.PATH_PREFIX, help="prefix of data_path in the split files")
     args = T.apply_preset(p.parse_args(argv), PRESETS)
     T.check_batch(args.batch_size)
-    if args.data:
-        data.resolve_split(args.data, args.split)
+    data.check_split(args.data, args.split)
     return args
 
 

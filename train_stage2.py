@@ -87,10 +87,20 @@ def parse_args(argv):
     args = T.apply_preset(args, PRESETS)
     if args.cia and args.no_cia:
         raise T.BadInput("--cia and --no-cia: choose one")
+    if args.heads == "dual" and not args.no_cia and not args.cia:  # the default: stage 1's adapter of this run
+        args.cia = os.path.join(args.out or os.path.join("runs", args.preset), "stage1", "cia.pt")
+        if not os.path.isfile(args.cia):
+            raise T.BadInput(f"{args.cia}: no stage-1 adapter; run train_stage1.py first, pass --cia, or --no-cia")
     T.check_batch(args.batch_size, min_rows=2)
     T.check_points(args.num_points, args.scaling)
-    if args.data:
-        data.resolve_split(args.data, args.split)
+    data.check_split(args.data, args.split)
+    if args.knn:  # what the knn sampler would find out only once the run has started
+        local = args.batch_size // int(os.environ.get("WORLD_SIZE", "1"))
+        if local % data.KNN_GROUP_SIZE:
+            raise T.BadInput(f"--knn: the batch per process ({local}) is not a multiple of the knn group size "
+                             f"{data.KNN_GROUP_SIZE}; change --batch-size")
+        if args.data and not data.find_file(args.data, data.KNN_FILE):
+            raise T.BadInput(f"--knn: {os.path.join(args.data, data.KNN_FILE[0])}: file not found")
     return args
 
 
@@ -125,10 +135,7 @@ def main(argv=None):
         print(f"note: no '{args.val}' benchmark under {root}; periodic validation is off")
 
     # ---- model: encoder + heads + temperature in one module (one DDP wrapper); the CIA is frozen, outside it
-    cia_path = args.cia or (os.path.join(os.path.dirname(run_dir), "stage1", "cia.pt")
-                            if args.heads == "dual" and not args.no_cia else None)
-    if cia_path and not os.path.exists(cia_path):
-        raise T.BadInput(f"{cia_path}: no stage-1 adapter; run train_stage1.py first, pass --cia, or --no-cia")
+    cia_path = args.cia  # checked by parse_args (default with --heads dual: OUT/stage1/cia.pt)
     cia = load_cia(cia_path).to(env.device) if cia_path else nn.Identity()
     model = TAMM(CONFIGS[args.scaling], clip_dim=dataset.clip_dim, heads=args.heads,
                  logit_scale_max=None if args.release_exact else 100.0).to(env.device)

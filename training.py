@@ -79,35 +79,50 @@ def choice(*options):
 
 
 def device(text):
-    """--device: cpu, cuda or cuda:N, and CUDA only where there is a GPU."""
+    """--device: cpu, cuda or cuda:N, and CUDA only where there is a GPU (N one of them)."""
     if text != "cpu" and not (text == "cuda" or (text.startswith("cuda:") and text[5:].isdigit())):
         raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}")
     if text.startswith("cuda") and not torch.cuda.is_available():
         raise argparse.ArgumentTypeError(f"{text} was requested but no CUDA device is available")
+    if text.startswith("cuda:") and int(text[5:]) >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text}: there are {torch.cuda.device_count()} CUDA devices, 0 to "
+                                         f"{torch.cuda.device_count() - 1}")
     return text
 
 
 def existing_file(text):
+    """A file that exists (not a folder)."""
     if not os.path.isfile(text):
         raise argparse.ArgumentTypeError(f"{text}: {'is a folder, expected a file' if os.path.isdir(text) else 'no such file'}")
     return text
 
 
 def existing_dir(text):
+    """A folder that exists (not a file)."""
     if not os.path.isdir(text):
         raise argparse.ArgumentTypeError(f"{text}: {'is a file, expected a folder' if os.path.exists(text) else 'no such folder'}")
     return text
 
 
 def output_file(text):
-    """A file to write: not a folder, in a folder we can write to."""
+    """A file to write: not a folder, and the nearest existing folder above it is a writable folder. Creates
+    nothing, since a later check may still fail: whoever writes the file makes its missing folders."""
     if os.path.isdir(text):
         raise argparse.ArgumentTypeError(f"{text}: is a folder, expected a file name")
-    check_writable(os.path.dirname(os.path.abspath(text)), text)
+    folder = os.path.dirname(os.path.abspath(text))
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder):
+        raise argparse.ArgumentTypeError(f"{text}: {folder} is a file, not a folder")
+    try:
+        check_writable(folder, text)  # it exists: only probed
+    except BadInput as e:  # as a type error argparse names the flag
+        raise argparse.ArgumentTypeError(str(e)) from None
     return text
 
 
 def output_dir(text):
+    """A folder to write into: anything but an existing file (it is made when it is needed)."""
     if os.path.exists(text) and not os.path.isdir(text):
         raise argparse.ArgumentTypeError(f"{text}: is a file, expected a folder")
     return text
@@ -137,12 +152,14 @@ def parse_names(value, flag):
     return names
 
 
-def check_points(num_points, scaling, flag="--num-points"):
-    """FPS picks S patch centres among the points: fewer points than patches cannot be grouped."""
+def check_points(num_points, scaling=None, flag="--num-points"):
+    """FPS picks S patch centres among the points: fewer points than patches cannot be grouped. Without a
+    `scaling` (a checkpoint's size is known once it is loaded) the bound is the smallest size's patch count."""
     from model import CONFIGS
-    patches = CONFIGS[scaling].num_patches
+    patches = min(CONFIGS[s].num_patches for s in ([scaling] if scaling is not None else CONFIGS))
     if num_points is not None and num_points < patches:
-        raise BadInput(f"{flag} {num_points}: fewer than the {patches} patches of --scaling {scaling}")
+        which = f"--scaling {scaling}" if scaling is not None else "the smallest encoder size"
+        raise BadInput(f"{flag} {num_points}: fewer than the {patches} patches of {which}")
 
 
 def scaling(text):

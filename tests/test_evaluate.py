@@ -434,7 +434,8 @@ def test_released_name_without_network_is_fast(monkeypatch, tmp_path, capsys):
 def test_command_line_exit_code_and_no_traceback(tmp_path):
     broken = tmp_path / "broken.pt"
     broken.write_bytes(b"not a checkpoint")
-    proc = subprocess.run([sys.executable, "evaluate.py", "--ckpt", str(broken), "--data", str(tmp_path)],
+    root = write_modelnet(tmp_path / "data")  # a valid data root: the checkpoint is the only thing wrong
+    proc = subprocess.run([sys.executable, "evaluate.py", "--ckpt", str(broken), "--data", root],
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and "broken.pt" in proc.stderr

@@ -1,5 +1,7 @@
 """Reliability: exact resume after SIGKILL, atomic checkpoints, DDP == one process, distributed evaluation,
 bad input at the command line, non-finite losses, weights_only loading. CPU + gloo only."""
+import contextlib
+import copy
 import glob
 import json
 import os
@@ -94,11 +96,19 @@ def test_kill_during_checkpoint_write_leaves_previous_latest_loadable(tmp_path):
 
 # ---- 3. distributed equivalence ----------------------------------------------------------------------------
 
-def test_two_process_step_equals_one_process_on_the_concatenated_batch(tmp_path):
-    assert python("tests/ddp_step.py", str(tmp_path)).returncode == 0
-    proc = torchrun("tests/ddp_step.py", str(tmp_path))
+@pytest.fixture(scope="module")
+def one_process_step(tmp_path_factory):
+    """tests/ddp_step.py alone: one step on the whole global batch (nothing to synchronise)."""
+    out = tmp_path_factory.mktemp("ddp_one")
+    proc = python("tests/ddp_step.py", str(out))
     assert proc.returncode == 0, proc.stderr[-2000:]
-    one, two = torch.load(tmp_path / "world1.pt"), torch.load(tmp_path / "world2.pt")
+    return torch.load(out / "world1_all.pt")
+
+
+def test_two_process_step_equals_one_process_on_the_concatenated_batch(one_process_step, tmp_path):
+    proc = torchrun("tests/ddp_step.py", str(tmp_path))  # --sync-bn all: the default
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    one, two = one_process_step, torch.load(tmp_path / "world2_all.pt")
     assert abs(one["loss"] - two["loss"]) < 1e-10
     assert torch.allclose(one["accuracy"], two["accuracy"])
     for k in one["grads"]:
@@ -106,6 +116,54 @@ def test_two_process_step_equals_one_process_on_the_concatenated_batch(tmp_path)
     for k in one["state"]:  # updated weights and the SyncBatchNorm running statistics
         assert torch.allclose(one["state"][k].double(), two["state"][k].double(), atol=1e-10, rtol=1e-8), k
     assert not torch.equal(one["state"]["encoder.patch_embed.norms.0.running_mean"], torch.zeros(64))
+    for rank in two["batchnorm"]:  # every rank holds the same statistics
+        assert all(torch.allclose(rank[k], one["state"][k], atol=1e-10, rtol=1e-8) for k in rank)
+
+
+@contextlib.contextmanager
+def default_float64():
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def test_sync_bn_encoder_leaves_the_heads_batchnorm_per_process(one_process_step, tmp_path):
+    """--sync-bn encoder (the release, part of --release-exact): the encoder's BatchNorm uses the global batch, so
+    both ranks hold the one-process statistics; each head's BatchNorm sees only its rank's half of the batch, so
+    each rank holds the statistics of its own half, computed here by running the initial heads on that half of
+    the (globally normalised, hence one-process) encoder output."""
+    import ddp_step
+    proc = torchrun("tests/ddp_step.py", str(tmp_path), "encoder")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ranks = torch.load(tmp_path / "world2_encoder.pt")["batchnorm"]
+    assert len(ranks) == 2 and ranks[0].keys() == one_process_step["batchnorm"][0].keys()
+    encoder = [k for k in ranks[0] if k.startswith("encoder.")]
+    heads = [k for k in ranks[0] if k.startswith("adapters.")]
+    assert len(encoder) == 9 and len(heads) == 12  # 3 PointNet BatchNorms; 2 per head; mean, var, count each
+    for k in encoder:
+        assert torch.equal(ranks[0][k], ranks[1][k]), k
+        assert torch.allclose(ranks[0][k], one_process_step["batchnorm"][0][k], atol=1e-10, rtol=1e-8), k
+
+    with default_float64(), torch.no_grad():
+        model, points, _, _, _ = ddp_step.build()
+        f = model.encoder.train()(points)  # (8, dim): what the synchronised encoder gives each rank for its rows
+        half = len(points) // 2
+        for rank, rows in enumerate((slice(0, half), slice(half, None))):
+            own = copy.deepcopy(model.adapters).train()
+            own(f[rows])
+            expected = {f"adapters.{n}": b for n, b in own.named_buffers()}
+            for k in heads:
+                assert torch.allclose(ranks[rank][k].double(), expected[k].double(), atol=1e-10, rtol=1e-8), (rank, k)
+            # the first BatchNorm by hand: momentum 0.1 from (0, 1), the unbiased variance of the local batch
+            h = model.adapters.image[0](f[rows])
+            assert torch.allclose(ranks[rank]["adapters.image.1.running_mean"], 0.1 * h.mean(0), atol=1e-10)
+            assert torch.allclose(ranks[rank]["adapters.image.1.running_var"], 0.9 + 0.1 * h.var(0), atol=1e-10)
+    for k in heads:
+        if not k.endswith("num_batches_tracked"):
+            assert not torch.allclose(ranks[0][k], ranks[1][k], atol=1e-6), k  # two halves, two sets of statistics
 
 
 # ---- 4. distributed evaluation -----------------------------------------------------------------------------

@@ -99,26 +99,34 @@ def _tag_weights(model_name, tag, cfg):
     return open_clip.download_pretrained(cfg)
 
 
+def check_clip(model_name, pretrained, flags=("--model", "--pretrained")):
+    """BadInput naming the flag unless `model_name` is an open_clip model and `pretrained` None/"none", one of
+    its tags or a weights file -> the tag's config ({} otherwise). Loads and downloads nothing: the command
+    lines call it before any work."""
+    if model_name not in open_clip.list_models():
+        raise BadInput(f"{flags[0]} {model_name}: not an open_clip model name (e.g. {DEFAULT_MODEL}; "
+                       f"see open_clip.list_models())")
+    if pretrained is None or os.fspath(pretrained).lower() == "none":
+        return {}
+    cfg = open_clip.get_pretrained_cfg(model_name, os.fspath(pretrained))
+    if not cfg and not os.path.isfile(pretrained):
+        tags = ", ".join(open_clip.list_pretrained_tags_by_model(model_name)) or "none"
+        raise BadInput(f"{flags[1]} {pretrained}: no such weights file, and not a pretrained tag of "
+                       f"{model_name} (its tags: {tags})")
+    return cfg
+
+
 def load_clip(model_name=DEFAULT_MODEL, pretrained=DEFAULT_PRETRAINED, device="cpu"):
     """(model, tokenizer, preprocess) of a frozen open_clip model in eval mode on `device`.
 
     `pretrained`: an open_clip tag of `model_name`, a path to a weights file, or None/"none" for random
     weights. Fails fast with BadInput when the weights cannot be had (no network, missing file)."""
-    if model_name not in open_clip.list_models():
-        raise BadInput(f"--model {model_name}: not an open_clip model name (e.g. {DEFAULT_MODEL}; "
-                       f"see open_clip.list_models())")
-    weights, cfg = None, {}
-    pretrained = None if pretrained is None else os.fspath(pretrained)
-    if pretrained is not None and pretrained.lower() != "none":
-        cfg = open_clip.get_pretrained_cfg(model_name, pretrained)
-        if cfg:
-            weights = _tag_weights(model_name, pretrained, cfg)
-        elif os.path.isfile(pretrained):
-            weights = pretrained
-        else:
-            tags = ", ".join(open_clip.list_pretrained_tags_by_model(model_name)) or "none"
-            raise BadInput(f"--pretrained {pretrained}: no such weights file, and not a pretrained tag of "
-                           f"{model_name} (its tags: {tags})")
+    cfg = check_clip(model_name, pretrained)
+    weights = None
+    if cfg:
+        weights = _tag_weights(model_name, pretrained, cfg)
+    elif pretrained is not None and os.fspath(pretrained).lower() != "none":
+        weights = os.fspath(pretrained)
     # Build with random weights and load the file ourselves, so only loading errors become BadInput. The tag's
     # preprocessing is applied as open_clip does; its QuickGELU flag is forced, where open_clip only warns on a
     # mismatch that silently gives wrong features.
@@ -340,6 +348,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     # Check everything cheap before loading CLIP, which takes minutes for ViT-bigG-14.
+    check_clip(args.model, args.pretrained)
     if args.command == "classes":
         class_names = parse_names(args.names if args.names is not None else args.names_file,
                                   "--names" if args.names is not None else "--names-file")

@@ -64,6 +64,7 @@ NUM_VIEWS = 12              # rendered views per shape in the release
 OBJAVERSE_FRACTION = 0.6    # training shapes in the Objaverse-like set (thumbnail, name text, GPT-4 filter)
 GROUP_SIZE = 500            # Objaverse shapes per group folder ("000-000", "000-001", ...)
 KNN = 16                    # neighbours per shape in point_feat_knn.npy (self first)
+POINT_NOISE = 0.003         # scan noise: std of the jitter of every point, on the shape's unit-sphere scale
 MARKER = "WORLD_COMPLETE.json"
 CACHE = Path(__file__).resolve().parent.parent / "data"  # the repository's data/, git-ignored
 
@@ -350,7 +351,7 @@ def make_shape(rng, category, num_points):
     rgb = np.concatenate([np.broadcast_to(colour, (k, 3)) for (_, colour, _, _), k in zip(parts, counts)])
     xyz = (xyz - (xyz.max(0) + xyz.min(0)) / 2) @ _rot(2, rng.uniform(0, 2 * np.pi)).T
     xyz = xyz / np.linalg.norm(xyz, axis=1).max() * rng.uniform(0.5, 1.0)  # the reader normalises scale away
-    xyz = xyz + rng.normal(0, 0.003, xyz.shape)
+    xyz = xyz + rng.normal(0, POINT_NOISE, xyz.shape)
     rgb = np.clip(rgb + rng.normal(0, 0.02, rgb.shape), 0, 1)
     # stored in random order like a real scan: TAMM's evaluation takes the *first* N points, which must not
     # be the first parts of the shape
