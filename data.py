@@ -215,7 +215,10 @@ def check_split(root, split):
     """--split before any work: a split file under root, or, without a root (the synthetic world, built
     later, which has the release's splits), one of RELEASE_SPLITS or a JSON file."""
     if root:
-        return resolve_split(root, split)
+        try:
+            return resolve_split(root, split)
+        except BadInput as e:  # the file it names, and the flag that named it
+            raise BadInput(f"--split {split}: {e}") from None
     if split not in RELEASE_SPLITS and not (split.endswith(".json") and os.path.isfile(split)):
         raise BadInput(f"--split {split}: not a split of the synthetic world ({', '.join(RELEASE_SPLITS)}) "
                        f"nor a JSON file")
@@ -419,8 +422,10 @@ class _Indexed(Dataset):
 def make_eval_loader(dataset, batch_size, rank=0, world_size=1, workers=0):
     """Batches of (points, labels, indices) over samples rank, rank + world, ...: each sample on exactly one rank,
     none padded or repeated (unlike DistributedSampler), so gathered counts are exact."""
+    # its own generator: creating the iterator would otherwise draw from the global RNG, so validating during
+    # training would change the training's dropout stream
     return DataLoader(_Indexed(dataset), batch_size=batch_size, sampler=range(rank, len(dataset), world_size),
-                      num_workers=workers, pin_memory=torch.cuda.is_available())
+                      num_workers=workers, pin_memory=torch.cuda.is_available(), generator=torch.Generator())
 
 
 # ---- zero-shot benchmarks ------------------------------------------------------------------------------------

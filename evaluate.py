@@ -389,12 +389,15 @@ def parse_args(argv):
         if not (len(parts := setting.split("x")) == 2 and all(v.isdigit() for v in parts) and int(parts[0]) > 1
                 and int(parts[1]) > 0):
             raise T.BadInput(f"--episodes {setting}: expected N-way x K-shot such as 5x10 (N >= 2, K >= 1)")
-    T.check_points(args.num_points)  # the checkpoint's own size is checked once it is loaded
     args.ckpts, flag = (args.compare, "--compare") if args.compare else ([args.ckpt], "--ckpt")
     for c in args.ckpts:
         if not (os.path.isfile(c) or (c in NAMED_CHECKPOINTS and not os.path.exists(c))):
             raise T.BadInput(f"{flag} {c}: {'a folder' if os.path.isdir(c) else 'no such file'}, and not one of the "
                              f"released names ({', '.join(NAMED_CHECKPOINTS)})")
+    named = all(c in NAMED_CHECKPOINTS and not os.path.exists(c) for c in args.ckpts)
+    # a released checkpoint's size is --scaling (checked before its download); our own checkpoint knows its
+    # size, checked once it is loaded: here only against the smallest size
+    T.check_points(args.num_points, args.scaling if named else None)
     if args.pc and args.compare:
         raise T.BadInput("--pc takes one --ckpt, not --compare")
     if args.pc and not (args.labels is not None or args.dump_features):
@@ -411,8 +414,11 @@ def parse_args(argv):
         from tools import clip_features
         clip_features.check_clip(args.clip_model, args.clip_pretrained, ("--clip-model", "--clip-pretrained"))
     args.folds = pointclouds.fewshot_settings(args.fewshot_folds) if args.fewshot_folds and "few-shot" in args.tasks else None
+    # every fold is read once here too (seconds, one at a time): a damaged one met after the zero-shot run wastes it
+    for (way, shot), paths in (args.folds or {}).items():
+        for path in paths:
+            pointclouds.read_fewshot_fold(path, way, shot)
     if not args.pc:
-        named = all(c in NAMED_CHECKPOINTS and not os.path.exists(c) for c in args.ckpts)
         args.out = args.out or (os.path.join("runs", "eval") if named or args.compare else os.path.dirname(os.path.abspath(args.ckpts[0])))
         T.check_writable(args.out, "--out")
     return args

@@ -36,11 +36,11 @@ from loss import clamp_logit_scale_, contrastive_loss, logit_scale_parameter
 PRESETS = {
     "paper": dict(epochs=400, batch_size=200, lr=1e-3, warmup_epochs=20, weight_decay=0.01, ratio=0.2,
                   split="train_all", holdout=2000, workers=8, save_every=1000),
-    "demo": dict(epochs=30, batch_size=64, lr=1e-3, warmup_epochs=2, weight_decay=0.01, ratio=0.2,
+    "demo": dict(epochs=140, batch_size=64, lr=1e-3, warmup_epochs=2, weight_decay=0.01, ratio=0.2,
                  split="train_all", holdout=100, workers=0, save_every=500),
 }
 FLAGS = {  # preset flag: (type, where the paper value comes from)
-    "epochs": (T.POSITIVE_INT, "TAMM configs/Pre-Training/clip_image_adapter_training.yaml / demo: ~30 CPU s"),
+    "epochs": (T.POSITIVE_INT, "TAMM configs/Pre-Training/clip_image_adapter_training.yaml / demo: 420 steps"),
     "batch_size": (T.POSITIVE_INT, "global; the config's 50 per GPU x 4"),
     "lr": (T.POSITIVE, "global; the config's 2.5e-4 per GPU x 4 GPUs"), "warmup_epochs": (T.COUNT, "warmup_epoch"),
     "weight_decay": (T.NONNEGATIVE, "PyTorch AdamW default"), "ratio": (T.FRACTION, "residual ratio r of CIA (paper)"),

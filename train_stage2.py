@@ -35,11 +35,11 @@ from model import CONFIGS, TAMM
 PRESETS = {
     "paper": dict(epochs=200, batch_size=200, lr=6e-4, warmup_epochs=10, weight_decay=0.01, num_points=10000,
                   scaling=4, split="train_all", workers=8, precision="bf16", save_every=1000, eval_every=1),
-    "demo": dict(epochs=12, batch_size=32, lr=2e-3, warmup_epochs=1, weight_decay=0.01, num_points=1024,
-                 scaling="tiny", split="train_all", workers=2, precision="fp32", save_every=200, eval_every=4),
+    "demo": dict(epochs=41, batch_size=32, lr=2e-3, warmup_epochs=1, weight_decay=0.01, num_points=1024,
+                 scaling="tiny", split="train_all", workers=2, precision="fp32", save_every=200, eval_every=14),
 }
 FLAGS = {  # preset flag: (type, where the paper value comes from)
-    "epochs": (T.POSITIVE_INT, "TAMM configs/Pre-Training/pointbert.yaml max_epoch / demo: ~2 CPU minutes"),
+    "epochs": (T.POSITIVE_INT, "TAMM configs/Pre-Training/pointbert.yaml max_epoch / demo: 369 steps, ~80 CPU s"),
     "batch_size": (T.POSITIVE_INT, "global; the config's 50 per GPU x 4 GPUs"),
     "lr": (T.POSITIVE, "global AdamW lr; the config's 1.5e-4 per GPU x 4"),
     "warmup_epochs": (T.COUNT, "warmup_epoch"), "weight_decay": (T.NONNEGATIVE, "PyTorch AdamW default, as the release"),

@@ -198,15 +198,21 @@ def break_fold(folds, how):
 
 @pytest.mark.parametrize("how", ["missing", "list", "no_test", "too_few_train", "too_many_test", "ragged", "label",
                                  "not_a_pickle"])
-def test_bad_fold_folder_is_one_line_naming_the_file(setup, tmp_path, capsys, how):
+def test_bad_fold_folder_is_one_line_naming_the_file(setup, tmp_path, capsys, monkeypatch, how):
+    """Found where the arguments are parsed: before the model loads (the zero-shot run would come first)."""
     folds, root, ckpt = setup
     copy = str(tmp_path / "folds")
     shutil.copytree(os.path.join(folds, "2way_2shot"), os.path.join(copy, "2way_2shot"))
     path = break_fold(copy, how)
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the run started before the bad fold was found")
+    monkeypatch.setattr(evaluate.T, "setup_distributed", no_work)
+    monkeypatch.setattr(evaluate, "load_pretrained", no_work)
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
         run_cli(evaluate.main, flags(copy, root, ckpt, tmp_path / "out"))
     err = capsys.readouterr().err
     assert e.value.code == 2 and "Traceback" not in err
     assert len(err.splitlines()) == 1 and err.startswith("error: ") and path in err, err
-    assert not os.path.exists(tmp_path / "out" / "eval_tiny.json")
+    assert not os.path.exists(tmp_path / "out")  # not even the output folder

@@ -67,3 +67,12 @@ def test_stage2_under_torchrun_two_processes(tiny_world, tmp_path):
     log = read_log(os.path.join(tmp_path, "stage2"))
     assert [r["step"] for r in log if "loss" in r] == [1, 2, 3]
     assert torch.load(os.path.join(tmp_path, "stage2", "latest.pt"), weights_only=True)["step"] == 3
+
+
+def test_validation_does_not_change_the_training(tiny_world, tmp_path):
+    """Monitoring only: a run with periodic validation ends with the same weights as one without."""
+    runs = [train_stage2.main(["--data", str(tiny_world), "--out", str(tmp_path / v), "--no-cia", *TINY_TRAIN,
+                               "--epochs", "2", "--eval-every", "1", "--val", v]) for v in ("val", "none")]
+    with_val, without = (torch.load(os.path.join(r, "latest.pt"), weights_only=True)["model"] for r in runs)
+    assert any("val_fused_top1" in r for r in read_log(runs[0]))
+    assert all(torch.equal(with_val[k], without[k]) for k in with_val)

@@ -350,9 +350,12 @@ def main(argv=None):
     # Check everything cheap before loading CLIP, which takes minutes for ViT-bigG-14.
     check_clip(args.model, args.pretrained)
     if args.command == "classes":
-        class_names = parse_names(args.names if args.names is not None else args.names_file,
-                                  "--names" if args.names is not None else "--names-file")
-        _check_names(class_names)
+        flag = "--names" if args.names is not None else "--names-file"
+        class_names = parse_names(args.names if args.names is not None else args.names_file, flag)
+        try:
+            _check_names(class_names)
+        except BadInput as e:  # say which flag gave the names
+            raise BadInput(f"{flag}: {e}") from None
     else:
         scan_shape_folder(args.images)
         if args.captions:

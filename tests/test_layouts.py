@@ -3,8 +3,11 @@
 The tiny synthetic world is in OpenShape's layout; a copy is rearranged into TAMM's: the shapes under ROOT/data/
 (TAMM maps the /mnt/data prefix of data_path to the folder `data` beside meta_data/), the splits under
 meta_data/Pre-Training/split/, the benchmarks under meta_data/Zero-Shot/, gpt4_filtering.json and point_feat_knn.npy
-left in meta_data/. Nothing stays in an OpenShape place, so a run that works found every file in TAMM's.
-(The OpenShape layout end to end is test_train.py's.)
+left in meta_data/ (where TAMM has them too), meta_data/val dropped (TAMM has none: --val none). Nothing stays in
+an OpenShape place, so a run that works found every file in TAMM's. (The OpenShape layout end to end is
+test_train.py's.)
+
+    .venv/bin/python -m pytest -q tests/test_layouts.py
 """
 import json
 import os
@@ -21,6 +24,7 @@ import train_stage2
 from conftest import TINY_TRAIN
 
 SCAN_POINTS, SCAN_PER_CLASS = 128, 2  # a tiny ScanObjectNN: 2 objects of each of the 15 classes
+HOLDOUT = 8                           # stage 1's held-out shapes
 
 
 def tamm_layout(world, root):
@@ -36,6 +40,7 @@ def tamm_layout(world, root):
     shutil.move(os.path.join(meta, "modelnet40"), os.path.join(meta, "Zero-Shot", "modelnet40"))
     shutil.move(os.path.join(meta, "lvis_cat_name_pt_feat.npy"),
                 os.path.join(meta, "Zero-Shot", "LVIS", "lvis_cat_name_pt_feat.npy"))
+    shutil.rmtree(os.path.join(meta, "val"))
     # the synthetic world has no ScanObjectNN: write one where TAMM keeps it
     rng = np.random.default_rng(0)
     labels = np.repeat(np.arange(len(data.SCANOBJECTNN_CLASSES)), SCAN_PER_CLASS)
@@ -62,6 +67,16 @@ def tamm_root(tiny_world, tmp_path_factory):
     return tamm_layout(tiny_world, tmp_path_factory.mktemp("tamm") / "root")
 
 
+def read_json(*parts):
+    with open(os.path.join(*parts)) as f:
+        return json.load(f)
+
+
+def read_log(run_dir):
+    with open(os.path.join(run_dir, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
 def test_the_rearranged_world_is_in_tamm_places_only(tamm_root):
     """What the end-to-end test relies on: every file in TAMM's place and none left in OpenShape's."""
     meta = os.path.join(tamm_root, "meta_data")
@@ -72,10 +87,10 @@ def test_the_rearranged_world_is_in_tamm_places_only(tamm_root):
                 "Zero-Shot/scanobjectnn/xyz_label.npy", "Zero-Shot/scanobjectnn/cat_name_pt_feat.npy",
                 "gpt4_filtering.json", "point_feat_knn.npy"]:
         assert os.path.isfile(os.path.join(meta, rel)), rel
-    for rel in ["meta_data/split", "meta_data/modelnet40", "meta_data/lvis_cat_name_pt_feat.npy", "Objaverse",
-                "ShapeNet"]:
+    for rel in ["meta_data/split", "meta_data/modelnet40", "meta_data/lvis_cat_name_pt_feat.npy", "meta_data/val",
+                "Objaverse", "ShapeNet"]:
         assert not os.path.exists(os.path.join(tamm_root, rel)), rel
-    entry = json.load(open(os.path.join(meta, "Pre-Training", "split", "train_all.json")))[0]
+    entry = read_json(meta, "Pre-Training", "split", "train_all.json")[0]
     assert entry["data_path"].startswith("/mnt/data/")
     assert data.shape_paths([entry], str(tamm_root))[0] == os.path.join(
         tamm_root, "data", entry["data_path"][len("/mnt/data/"):])
@@ -83,36 +98,35 @@ def test_the_rearranged_world_is_in_tamm_places_only(tamm_root):
         assert data.resolve_split(str(tamm_root), split).startswith(os.path.join(meta, "Pre-Training", "split"))
 
 
-def test_train_both_stages_and_evaluate_on_tamms_layout(tamm_root, tmp_path):
+def test_train_both_stages_and_evaluate_on_tamms_layout(tamm_root, tmp_path, capsys):
     root, out = str(tamm_root), str(tmp_path / "run")
     meta = os.path.join(root, "meta_data")
+    shapes = len(read_json(meta, "Pre-Training", "split", "train_all.json"))
+
     stage1 = train_stage1.main(["--data", root, "--out", out, "--preset", "demo", "--batch-size", "16",
-                                "--holdout", "8", "--max-steps", "2", "--workers", "0", "--log-every", "1"])
+                                "--holdout", str(HOLDOUT), "--max-steps", "2", "--workers", "0", "--log-every", "1"])
+    assert f"stage 1 | {shapes - HOLDOUT} train / {HOLDOUT} held-out" in capsys.readouterr().out
     assert [r["step"] for r in read_log(stage1["run_dir"]) if "loss" in r] == [1, 2]
     assert os.path.isfile(os.path.join(out, "stage1", "cia.pt"))
 
-    # stage 2 with the stage-1 adapter (the default), hard negatives from meta_data/point_feat_knn.npy and the
-    # validation set left at meta_data/val
-    run_dir = train_stage2.main(["--data", root, "--out", out, *TINY_TRAIN, "--max-steps", "2", "--knn"])
+    # stage 2 with the stage-1 adapter (the default), hard negatives from meta_data/point_feat_knn.npy
+    run_dir = train_stage2.main(["--data", root, "--out", out, *TINY_TRAIN, "--max-steps", "2", "--knn",
+                                 "--val", "none"])
+    assert f"stage 2 | {shapes} shapes" in capsys.readouterr().out
     log = read_log(run_dir)
     steps = [r for r in log if "loss" in r]
     assert [r["step"] for r in steps] == [1, 2] and all(r["skipped_shapes"] == 0 for r in steps)  # all shapes read
-    assert any("val_fused_top1" in r for r in log)
-    config = json.load(open(os.path.join(run_dir, "config.json")))["args"]
+    assert not any(k.startswith("val_") for r in log for k in r)  # --val none
+    config = read_json(run_dir, "config.json")["args"]
     assert config["knn"] and config["cia"] == os.path.join(out, "stage1", "cia.pt")
 
     r = evaluate.main(["--ckpt", os.path.join(run_dir, "latest.pt"), "--data", root, "--tasks", "zero-shot",
                        "--precision", "fp32", "--workers", "0", "--device", "cpu", "--out", str(tmp_path / "eval")])
-    lvis = json.load(open(os.path.join(meta, "Pre-Training", "split", "lvis.json")))
-    modelnet = json.load(open(os.path.join(meta, "Zero-Shot", "modelnet40", "test_split.json")))
+    lvis = read_json(meta, "Pre-Training", "split", "lvis.json")
+    modelnet = read_json(meta, "Zero-Shot", "modelnet40", "test_split.json")
     zs = r["zero_shot"]
     assert sorted(zs) == ["lvis", "modelnet40", "scanobjectnn"]
-    assert zs["modelnet40"]["num_samples"] == len(modelnet) and zs["lvis"]["num_samples"] == len(lvis) == 36
+    assert zs["modelnet40"]["num_samples"] == len(modelnet) == 36 and zs["lvis"]["num_samples"] == len(lvis) == 36
     assert zs["modelnet40"]["num_classes"] == zs["lvis"]["num_classes"] == 12
     assert zs["scanobjectnn"]["num_samples"] == 15 * SCAN_PER_CLASS and zs["scanobjectnn"]["num_classes"] == 15
     assert r["num_points"] == 256  # the checkpoint's own training point count
-
-
-def read_log(run_dir):
-    with open(os.path.join(run_dir, "log.jsonl")) as f:
-        return [json.loads(line) for line in f]
