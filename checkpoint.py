@@ -1,8 +1,13 @@
-"""Weight files: our checkpoints (the resume contract), the released TAMM and OpenShape checkpoints, the CIA.
+"""What a run reads and writes on disk: files read and written safely, the resume contract (weights, optimizer,
+RNG and data position), the released TAMM and OpenShape checkpoints, the CIA.
 
+- Files: `atomic_save` and `save_npy` write a temp file and rename it into place (a killed writer never leaves
+  half a file); `load_json`, `load_entries` and `load_npy` turn a missing or damaged file into one line naming it.
 - `save_latest` / `resume`: RUN_DIR/latest.pt holds the unwrapped model, its config, the optimizer, the grad
-  scaler, the step, the flags and every rank's RNG state, written atomically (a temp file, fsync, rename), so
-  a killed run leaves the previous checkpoint intact and a resumed run replays the same arithmetic.
+  scaler, the step, the flags and every rank's RNG state, so a resumed run replays the same arithmetic.
+- The data position is a function of the step: `ShardedSampler` (resumable mid-epoch) or `KnnBatchSampler`
+  (OpenShape's hard negatives) under `make_train_loader`, and `endless_batches`; `make_eval_loader` puts every
+  sample on exactly one rank.
 - `load_pretrained`: our stage-2 checkpoint, a released TAMM checkpoint (`state_dict` + `image_alignment_adapter`
   + `text_alignment_adapter` + `logit_scale`, every key under DDP's `module.`) or OpenShape's PointBERT
   (`state_dict` with `module.ppat.*` and `module.proj.*`) -> a TAMM model. The release's module names come from
@@ -10,8 +15,10 @@
   maps them to ours, one row per module.
 - `load_cia`: the frozen CLIP Image Adapter of stage 1 (ours, or the release's `adapter.fc.*`).
 
-Every file is read with torch.load(weights_only=True): no arbitrary unpickling.
+Weights are read with torch.load(weights_only=True): no arbitrary unpickling. The release's .npy files are
+pickles: read them only from a source you trust.
 """
+import json
 import math
 import os
 import random
@@ -20,11 +27,14 @@ import tempfile
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from adapters import ClipImageAdapter
 from model import TAMM, EncoderConfig, CONFIGS
 from training import BadInput
 
+
+# ---- files, read and written safely --------------------------------------------------------------------------
 
 def atomic_save(obj, path, save=torch.save):
     """save(obj, file) to a temp file in the same folder, fsync, then rename over `path` (atomic on POSIX)."""
@@ -41,6 +51,43 @@ def atomic_save(obj, path, save=torch.save):
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def load_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise BadInput(f"{path}: file not found") from None
+    except (OSError, ValueError) as e:
+        raise BadInput(f"{path}: not readable JSON ({e})") from None
+
+
+def load_entries(path, keys):
+    """A JSON list of dicts that all have `keys` (split files, lvis.json, test_split.json)."""
+    entries = load_json(path)
+    if not isinstance(entries, list) or not all(isinstance(e, dict) and set(keys) <= e.keys() for e in entries):
+        raise BadInput(f"{path}: expected a JSON list of entries with keys {list(keys)}")
+    return entries
+
+
+def load_npy(path, item=False):
+    """np.load a release file; with `item`, unwrap the pickled object (a dict in the release)."""
+    try:
+        arr = np.load(path, allow_pickle=True)
+    except FileNotFoundError:
+        raise BadInput(f"{path}: file not found") from None
+    except Exception as e:  # unpickling a damaged file can raise almost anything
+        raise BadInput(f"{path}: cannot read ({type(e).__name__}); truncated or not a .npy file") from None
+    if item and (arr.shape != () or not isinstance(arr.item(), dict)):
+        found = type(arr.item()).__name__ if arr.shape == () else f"an array of shape {arr.shape}"
+        raise BadInput(f"{path}: expected a pickled dict, found {found}")
+    return arr.item() if item else arr
+
+
+def save_npy(path, obj):
+    """np.save in the release's format (pickles allowed), written atomically."""
+    atomic_save(obj, str(path), save=lambda o, f: np.save(f, o, allow_pickle=True))
 
 
 # ---- the resume contract -------------------------------------------------------------------------------------
@@ -107,6 +154,125 @@ def resume(path, model, optimizer, scaler, env):
     if env.is_main:
         print(f"resumed from {path} at step {ckpt['step']} (epoch {ckpt['epoch']}, batch {ckpt['batch_in_epoch']})")
     return ckpt["step"]
+
+
+# ---- the data position: samplers that follow the step, and the eval sharding ---------------------------------
+
+class ShardedSampler(Sampler):
+    """DistributedSampler for training: a (seed, epoch) shuffle cut to a multiple of world_size (drop_last); rank r
+    takes every world_size-th index. `skip(n)`: this rank already consumed the first n samples of the epoch."""
+
+    def __init__(self, dataset, rank=0, world_size=1, seed=0, shuffle=True):
+        self.dataset, self.rank, self.world_size, self.seed, self.shuffle = dataset, rank, world_size, seed, shuffle
+        self.epoch, self.start, self.num_samples = 0, 0, len(dataset) // world_size
+
+    def set_epoch(self, epoch):
+        """Start epoch `epoch` from its beginning; the dataset's augmentation follows the same epoch."""
+        self.epoch, self.start = epoch, 0
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+
+    def skip(self, n):
+        self.start = n
+
+    def __iter__(self):
+        n = len(self.dataset)
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(n) if self.shuffle else np.arange(n)
+        return iter(order[: self.num_samples * self.world_size][self.rank::self.world_size][self.start:].tolist())
+
+    def __len__(self):
+        return max(0, self.num_samples - self.start)
+
+
+KNN_NEIGHBORS, KNN_GROUP_SIZE = 31, 4  # hard negatives among a seed's 31 neighbours; the configs ship size 1 (off)
+
+
+class KnnBatchSampler(ShardedSampler):
+    """OpenShape's hard negatives (meta_data/point_feat_knn.npy): a batch is batch_size / group_size seed shapes,
+    each with group_size - 1 shapes among its `num_neighbors` nearest neighbours in point-feature space.
+
+    An epoch has len(dataset) / group_size seeds in a (seed, epoch) shuffle; batches are dealt to ranks in turn.
+    Neighbours outside the split are passed over, and a group short of them is filled with random shapes."""
+
+    def __init__(self, dataset, batch_size, knn_path, group_size=KNN_GROUP_SIZE, num_neighbors=KNN_NEIGHBORS,
+                 rank=0, world_size=1, seed=0):
+        super().__init__(dataset, rank, world_size, seed)
+        if batch_size % group_size:
+            raise BadInput(f"--batch-size {batch_size} is not a multiple of the knn group size {group_size}")
+        self.knn = load_npy(knn_path, item=True)
+        if not {"name", "index"} <= self.knn.keys():
+            raise BadInput(f"{knn_path}: expected a dict with 'name' and 'index'")
+        self.batch_size, self.group_size, self.num_neighbors = batch_size, group_size, num_neighbors
+        self.uid_to_index = {uid: k for k, uid in enumerate(dataset.ids)}
+        self.num_batches = len(dataset) // batch_size // world_size
+
+    def _group(self, seed_index, rng):
+        neighbours = self.knn["index"].get(self.dataset.ids[seed_index], [])[1:self.num_neighbors + 1]  # [0] = self
+        ranked = [self.knn["name"][j] for j in np.asarray(neighbours)[rng.permutation(len(neighbours))]]
+        group = [seed_index] + [self.uid_to_index[u] for u in ranked if u in self.uid_to_index][:self.group_size - 1]
+        return group + rng.integers(0, len(self.dataset), self.group_size - len(group)).tolist()
+
+    def __iter__(self):
+        rng = np.random.default_rng([self.seed, self.epoch])
+        seeds, per_batch = rng.permutation(len(self.dataset))[: len(self.dataset) // self.group_size], self.batch_size // self.group_size
+        # every rank builds every batch, so the rng draws stay in step; rank r keeps batches r, r + world, ...
+        batches = [[k for s in seeds[b * per_batch:(b + 1) * per_batch] for k in self._group(int(s), rng)]
+                   for b in range(self.num_batches * self.world_size)]
+        return iter(batches[self.rank::self.world_size][self.start // self.batch_size:])
+
+    def __len__(self):
+        return max(0, self.num_batches - self.start // self.batch_size)
+
+
+def make_train_loader(dataset, batch_size, rank=0, world_size=1, seed=0, workers=0, knn=None,
+                      knn_group_size=KNN_GROUP_SIZE):
+    """(loader, sampler) of drop_last training batches; `knn` = path of point_feat_knn.npy for hard negatives."""
+    # its own generator: DataLoader would otherwise draw worker seeds from the global RNG at every epoch, which
+    # would make the model's dropout stream depend on when an epoch's iterator was created (breaks exact resume)
+    common = dict(num_workers=workers, pin_memory=torch.cuda.is_available(), generator=torch.Generator().manual_seed(seed))
+    if knn:
+        sampler = KnnBatchSampler(dataset, batch_size, knn, knn_group_size, rank=rank, world_size=world_size, seed=seed)
+        loader = DataLoader(dataset, batch_sampler=sampler, **common)
+    else:
+        sampler = ShardedSampler(dataset, rank, world_size, seed)
+        loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True, **common)
+    if len(loader) == 0:
+        raise BadInput(f"{getattr(dataset, 'split_path', 'dataset')}: {len(dataset)} shapes are not enough for one "
+                       f"batch of {batch_size} on each of {world_size} ranks")
+    return loader, sampler
+
+
+class _Indexed(Dataset):
+    """ds[i] + (i,): evaluation gathers the indices with the features, to count every sample exactly once."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        return (*self.dataset[i], i)
+
+
+def make_eval_loader(dataset, batch_size, rank=0, world_size=1, workers=0):
+    """Batches of (points, labels, indices) over samples rank, rank + world, ...: each sample on exactly one rank,
+    none padded or repeated (unlike DistributedSampler), so gathered counts are exact."""
+    # its own generator: creating the iterator would otherwise draw from the global RNG, so validating during
+    # training would change the training's dropout stream
+    return DataLoader(_Indexed(dataset), batch_size=batch_size, sampler=range(rank, len(dataset), world_size),
+                      num_workers=workers, pin_memory=torch.cuda.is_available(), generator=torch.Generator())
+
+
+def endless_batches(loader, sampler, step, local_batch):
+    """The batches of a run from global step `step` on, epoch after epoch (epoch = step // batches per epoch).
+    The data position is a function of the step alone, so a resumed run sees exactly the batches it missed."""
+    epoch, done = divmod(step, len(loader))
+    while True:
+        sampler.set_epoch(epoch)  # a new shuffle; the dataset's augmentation follows the epoch too
+        sampler.skip(done * local_batch)
+        yield from loader
+        epoch, done = epoch + 1, 0
 
 
 # ---- reading weights -----------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The OpenShape release on disk -> training triplets, zero-shot benchmarks and loaders (TAMM section 4.1).
+"""The OpenShape release on disk -> training triplets and zero-shot benchmarks (TAMM section 4.1).
 
 TAMM trains on OpenShape's "ensembled" data (ShapeNet, 3D-FUTURE, ABO, Objaverse) and evaluates zero-shot on
 ModelNet40, Objaverse-LVIS and ScanObjectNN; docs/data-format.md describes every file. This file reads them as
@@ -7,8 +7,7 @@ the official code does (OpenShape src/data.py, TAMM data.py):
   by the max norm, augment), 4 distinct CLIP view features (the thumbnail + 3 views when there is a thumbnail)
   and one text feature picked as OpenShape does.
 - `load_benchmarks`: the zero-shot sets and their class-name text features; TAMM takes the first N points.
-- Loaders: `ShardedSampler` (resumable mid-epoch), `KnnBatchSampler` (OpenShape's hard negatives),
-  `make_train_loader`, `make_eval_loader` (every sample on exactly one rank).
+- The samplers that deal these samples to ranks live in checkpoint.py, beside the resume contract they serve.
 
 Data root: the folder holding `meta_data/` in OpenShape's layout or TAMM's (`meta_data/Pre-Training/split/...`,
 `meta_data/Zero-Shot/...`). Split files store absolute paths that start with /mnt/data: that prefix becomes
@@ -21,15 +20,15 @@ Only read files from a source you trust (the official Hugging Face dataset).
 
     python -c "import data; d = data.TrainTriplets('/data/openshape'); print(len(d), d[0]['points'].shape)"
 """
-import json
 import math
 import os
 import warnings
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import Dataset
 
+from checkpoint import load_entries, load_json, load_npy
 from training import BadInput
 
 # ---- defaults: the official stage-2 config (OpenShape src/configs/train.yaml, TAMM configs/Pre-Training/pointbert.yaml)
@@ -44,7 +43,6 @@ AUGMENTATIONS = ("dropout", "scale", "shift", "rotate_small", "rotate_z")  # aug
 PATH_PREFIX = "/mnt/data"     # prefix of every data_path in the released split files
 MAX_DROPOUT, SCALE_RANGE, SHIFT_RANGE = 0.875, (0.8, 1.25), 0.1   # PointNet++ augmentations in OpenShape utils/data.py
 ROT_SIGMA, ROT_CLIP = 0.06, 0.18                                  # rotate_perturbation_point_cloud (radians)
-KNN_NEIGHBORS, KNN_GROUP_SIZE = 31, 4  # hard negatives among a seed's 31 neighbours; the configs ship size 1 (off)
 MAX_STAND_INS = 100           # a broken shape is replaced by one of the next shapes that loads
 # ScanObjectNN labels index this fixed list (OpenShape hard-codes it), not the order of the feature file.
 SCANOBJECTNN_CLASSES = ["bag", "bin", "box", "cabinet", "chair", "desk", "display", "door", "shelf", "table",
@@ -77,53 +75,10 @@ def map_path(data_path, root, prefix=PATH_PREFIX):
 
 def shape_paths(entries, root, prefix=PATH_PREFIX):
     """Every entry's file: /mnt/data -> root, or -> root/data where the shapes are there (TAMM's layout)."""
-    base = root
-    if entries and not os.path.exists(map_path(entries[0]["data_path"], root, prefix)) \
-            and os.path.exists(map_path(entries[0]["data_path"], os.path.join(root, "data"), prefix)):
-        base = os.path.join(root, "data")
-    return [map_path(e["data_path"], base, prefix) for e in entries]
-
-
-def load_json(path):
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise BadInput(f"{path}: file not found") from None
-    except (OSError, ValueError) as e:
-        raise BadInput(f"{path}: not readable JSON ({e})") from None
-
-
-def load_entries(path, keys):
-    """A JSON list of dicts that all have `keys` (split files, lvis.json, test_split.json)."""
-    entries = load_json(path)
-    if not isinstance(entries, list) or not all(isinstance(e, dict) and set(keys) <= e.keys() for e in entries):
-        raise BadInput(f"{path}: expected a JSON list of entries with keys {list(keys)}")
-    return entries
-
-
-def load_npy(path, item=False):
-    """np.load a release file; with `item`, unwrap the pickled object (a dict in the release)."""
-    try:
-        arr = np.load(path, allow_pickle=True)
-    except FileNotFoundError:
-        raise BadInput(f"{path}: file not found") from None
-    except Exception as e:  # unpickling a damaged file can raise almost anything
-        raise BadInput(f"{path}: cannot read ({type(e).__name__}); truncated or not a .npy file") from None
-    if item and (arr.shape != () or not isinstance(arr.item(), dict)):
-        found = type(arr.item()).__name__ if arr.shape == () else f"an array of shape {arr.shape}"
-        raise BadInput(f"{path}: expected a pickled dict, found {found}")
-    return arr.item() if item else arr
-
-
-def save_npy(path, obj):
-    """np.save in the release's format (pickles allowed), into a temp name renamed into place: a reader (or a
-    killed writer) never leaves half a file. The folder is made if needed."""
-    path = str(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(tmp := f"{path}.tmp-{os.getpid()}", "wb") as f:
-        np.save(f, obj, allow_pickle=True)
-    os.replace(tmp, path)
+    data_dir = os.path.join(root, "data")
+    tamm = entries and not os.path.exists(map_path(entries[0]["data_path"], root, prefix)) \
+        and os.path.exists(map_path(entries[0]["data_path"], data_dir, prefix))
+    return [map_path(e["data_path"], data_dir if tamm else root, prefix) for e in entries]
 
 
 def check_shape(shape, path, clip_dim=CLIP_DIM, min_views=0):
@@ -131,17 +86,15 @@ def check_shape(shape, path, clip_dim=CLIP_DIM, min_views=0):
     every stored CLIP feature `clip_dim` wide, with `min_views` > 0 at least that many `image_feat` views."""
     if not isinstance(shape, dict):
         raise BadInput(f"{path}: expected a dict, found {type(shape).__name__}")
-    for key in ("xyz", "rgb", "image_feat") if min_views else ("xyz", "rgb"):
-        if key not in shape:
-            raise BadInput(f"{path}: missing '{key}'")
+    if missing := [k for k in ("xyz", "rgb", "image_feat")[:3 if min_views else 2] if k not in shape]:
+        raise BadInput(f"{path}: missing '{missing[0]}'")
     xyz, rgb = np.asarray(shape["xyz"]), np.asarray(shape["rgb"])
     if xyz.ndim != 2 or xyz.shape[1] != 3 or len(xyz) == 0:
         raise BadInput(f"{path}: xyz has shape {xyz.shape}, expected (N, 3)")
     if rgb.shape != xyz.shape:
         raise BadInput(f"{path}: rgb has shape {rgb.shape}, xyz has {xyz.shape}")
-    for key, arr in (("xyz", xyz), ("rgb", rgb)):
-        if not np.isfinite(arr).all():
-            raise BadInput(f"{path}: {key} contains NaN or inf")
+    if bad := [key for key, arr in (("xyz", xyz), ("rgb", rgb)) if not np.isfinite(arr).all()]:
+        raise BadInput(f"{path}: {bad[0]} contains NaN or inf")
     try:
         feats = [(k, shape[k]) for k in ("image_feat", "thumbnail_feat") if k in shape]
         feats += [(f"{k}[{j}][{v}]", f) for k in ("text_feat", "retrieval_text_feat")
@@ -200,29 +153,27 @@ def augment_points(xyz, rng, ops=AUGMENTATIONS):
 
 # ---- training triplets ---------------------------------------------------------------------------------------
 
-def resolve_split(root, split):
-    """A split name (train_all, train_no_lvis, ablation/train_shapenet_only) or a JSON path -> its path."""
+def resolve_split(root, split, flag=""):
+    """A split name (train_all, train_no_lvis, ablation/train_shapenet_only) or a JSON path -> its path. Without a
+    root (the synthetic world, built later, which has the release's splits) only the name is checked; `flag`
+    prefixes the error when this checks a command line."""
     if split.endswith(".json") and os.path.isfile(split):
+        return split
+    if not root:
+        if split not in RELEASE_SPLITS:
+            raise BadInput(f"--split {split}: not a split of the synthetic world ({', '.join(RELEASE_SPLITS)}) "
+                           f"nor a JSON file")
         return split
     found = find_file(root, [f"{d}/{split}.json" for d in SPLIT_DIRS])
     if found is None:
-        raise BadInput(f"{os.path.join(root, SPLIT_DIRS[0], split + '.json')}: split file not found "
+        raise BadInput(f"{flag}{os.path.join(root, SPLIT_DIRS[0], split + '.json')}: split file not found "
                        f"(also looked in {SPLIT_DIRS[1]}/)")
     return found
 
 
 def check_split(root, split):
-    """--split before any work: a split file under root, or, without a root (the synthetic world, built
-    later, which has the release's splits), one of RELEASE_SPLITS or a JSON file."""
-    if root:
-        try:
-            return resolve_split(root, split)
-        except BadInput as e:  # the file it names, and the flag that named it
-            raise BadInput(f"--split {split}: {e}") from None
-    if split not in RELEASE_SPLITS and not (split.endswith(".json") and os.path.isfile(split)):
-        raise BadInput(f"--split {split}: not a split of the synthetic world ({', '.join(RELEASE_SPLITS)}) "
-                       f"nor a JSON file")
-    return split
+    """--split before any work (the error names the flag and the file)."""
+    return resolve_split(root, split, flag=f"--split {split}: ")
 
 
 def check_root(root):
@@ -323,111 +274,6 @@ class TrainTriplets(Dataset):
         return np.asarray(found[rng.integers(len(found))], np.float32).reshape(-1) if found else None
 
 
-# ---- samplers and loaders ------------------------------------------------------------------------------------
-
-class ShardedSampler(Sampler):
-    """DistributedSampler for training: a (seed, epoch) shuffle cut to a multiple of world_size (drop_last); rank r
-    takes every world_size-th index. `skip(n)`: this rank already consumed the first n samples of the epoch."""
-
-    def __init__(self, dataset, rank=0, world_size=1, seed=0, shuffle=True):
-        self.dataset, self.rank, self.world_size, self.seed, self.shuffle = dataset, rank, world_size, seed, shuffle
-        self.epoch, self.start, self.num_samples = 0, 0, len(dataset) // world_size
-
-    def set_epoch(self, epoch):
-        """Start epoch `epoch` from its beginning; the dataset's augmentation follows the same epoch."""
-        self.epoch, self.start = epoch, 0
-        if hasattr(self.dataset, "set_epoch"):
-            self.dataset.set_epoch(epoch)
-
-    def skip(self, n):
-        self.start = n
-
-    def __iter__(self):
-        n = len(self.dataset)
-        order = np.random.default_rng([self.seed, self.epoch]).permutation(n) if self.shuffle else np.arange(n)
-        return iter(order[: self.num_samples * self.world_size][self.rank::self.world_size][self.start:].tolist())
-
-    def __len__(self):
-        return max(0, self.num_samples - self.start)
-
-
-class KnnBatchSampler(ShardedSampler):
-    """OpenShape's hard negatives (meta_data/point_feat_knn.npy): a batch is batch_size / group_size seed shapes,
-    each with group_size - 1 shapes among its `num_neighbors` nearest neighbours in point-feature space.
-
-    An epoch has len(dataset) / group_size seeds in a (seed, epoch) shuffle; batches are dealt to ranks in turn.
-    Neighbours outside the split are passed over, and a group short of them is filled with random shapes."""
-
-    def __init__(self, dataset, batch_size, knn_path, group_size=KNN_GROUP_SIZE, num_neighbors=KNN_NEIGHBORS,
-                 rank=0, world_size=1, seed=0):
-        super().__init__(dataset, rank, world_size, seed)
-        if batch_size % group_size:
-            raise BadInput(f"--batch-size {batch_size} is not a multiple of the knn group size {group_size}")
-        self.knn = load_npy(knn_path, item=True)
-        if not {"name", "index"} <= self.knn.keys():
-            raise BadInput(f"{knn_path}: expected a dict with 'name' and 'index'")
-        self.batch_size, self.group_size, self.num_neighbors = batch_size, group_size, num_neighbors
-        self.uid_to_index = {uid: k for k, uid in enumerate(dataset.ids)}
-        self.num_batches = len(dataset) // batch_size // world_size
-
-    def _group(self, seed_index, rng):
-        neighbours = self.knn["index"].get(self.dataset.ids[seed_index], [])[1:self.num_neighbors + 1]  # [0] = self
-        ranked = [self.knn["name"][j] for j in np.asarray(neighbours)[rng.permutation(len(neighbours))]]
-        group = [seed_index] + [self.uid_to_index[u] for u in ranked if u in self.uid_to_index][:self.group_size - 1]
-        return group + rng.integers(0, len(self.dataset), self.group_size - len(group)).tolist()
-
-    def __iter__(self):
-        rng = np.random.default_rng([self.seed, self.epoch])
-        seeds, per_batch = rng.permutation(len(self.dataset))[: len(self.dataset) // self.group_size], self.batch_size // self.group_size
-        # every rank builds every batch, so the rng draws stay in step; rank r keeps batches r, r + world, ...
-        batches = [[k for s in seeds[b * per_batch:(b + 1) * per_batch] for k in self._group(int(s), rng)]
-                   for b in range(self.num_batches * self.world_size)]
-        return iter(batches[self.rank::self.world_size][self.start // self.batch_size:])
-
-    def __len__(self):
-        return max(0, self.num_batches - self.start // self.batch_size)
-
-
-def make_train_loader(dataset, batch_size, rank=0, world_size=1, seed=0, workers=0, knn=None,
-                      knn_group_size=KNN_GROUP_SIZE):
-    """(loader, sampler) of drop_last training batches; `knn` = path of point_feat_knn.npy for hard negatives."""
-    # its own generator: DataLoader would otherwise draw worker seeds from the global RNG at every epoch, which
-    # would make the model's dropout stream depend on when an epoch's iterator was created (breaks exact resume)
-    common = dict(num_workers=workers, pin_memory=torch.cuda.is_available(), generator=torch.Generator().manual_seed(seed))
-    if knn:
-        sampler = KnnBatchSampler(dataset, batch_size, knn, knn_group_size, rank=rank, world_size=world_size, seed=seed)
-        loader = DataLoader(dataset, batch_sampler=sampler, **common)
-    else:
-        sampler = ShardedSampler(dataset, rank, world_size, seed)
-        loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True, **common)
-    if len(loader) == 0:
-        raise BadInput(f"{getattr(dataset, 'split_path', 'dataset')}: {len(dataset)} shapes are not enough for one "
-                       f"batch of {batch_size} on each of {world_size} ranks")
-    return loader, sampler
-
-
-class _Indexed(Dataset):
-    """ds[i] + (i,): evaluation gathers the indices with the features, to count every sample exactly once."""
-
-    def __init__(self, dataset):
-        self.dataset = dataset
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, i):
-        return (*self.dataset[i], i)
-
-
-def make_eval_loader(dataset, batch_size, rank=0, world_size=1, workers=0):
-    """Batches of (points, labels, indices) over samples rank, rank + world, ...: each sample on exactly one rank,
-    none padded or repeated (unlike DistributedSampler), so gathered counts are exact."""
-    # its own generator: creating the iterator would otherwise draw from the global RNG, so validating during
-    # training would change the training's dropout stream
-    return DataLoader(_Indexed(dataset), batch_size=batch_size, sampler=range(rank, len(dataset), world_size),
-                      num_workers=workers, pin_memory=torch.cuda.is_available(), generator=torch.Generator())
-
-
 # ---- zero-shot benchmarks ------------------------------------------------------------------------------------
 
 class ZeroShotSet(Dataset):
@@ -492,9 +338,8 @@ def read_scanobjectnn(folder, clip_dim=CLIP_DIM, **kw):
     TAMM feeds all 2,048 stored points (its num_points, 10,000, is more than there are): so do we."""
     data_path, feat_path = _need(folder, ["xyz_label.npy", "cat_name_pt_feat.npy"])
     data = load_npy(data_path, item=True)
-    for key in ("xyz", "label"):
-        if key not in data:
-            raise BadInput(f"{data_path}: missing '{key}'")
+    if missing := [k for k in ("xyz", "label") if k not in data]:
+        raise BadInput(f"{data_path}: missing '{missing[0]}'")
     xyz = np.asarray(data["xyz"], np.float32)
     if xyz.ndim != 3 or xyz.shape[2] != 3 or len(xyz) != len(data["label"]) or not np.isfinite(xyz).all():
         raise BadInput(f"{data_path}: xyz {xyz.shape} must be finite (M, N, 3) with one label each ({np.shape(data['label'])})")
@@ -523,7 +368,7 @@ def read_lvis(split_path, feat_path, root, path_prefix=PATH_PREFIX, clip_dim=CLI
         check_shape(shape, paths[i], clip_dim)
         return np.asarray(shape["xyz"], np.float32), np.asarray(shape["rgb"], np.float32)
     ds = ZeroShotSet("lvis", names, feats, [names.index(e["category"]) for e in split], load, **kw)
-    ds.paths = paths
+    ds.paths = paths  # the shape files, for messages and tests
     return ds
 
 

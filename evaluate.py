@@ -37,7 +37,7 @@ from tqdm import tqdm
 import data
 import training as T
 from adapters import zero_shot_scores
-from checkpoint import load_checkpoint_file, load_pretrained, variant
+from checkpoint import load_checkpoint_file, load_pretrained, make_eval_loader, variant
 from tools import pointclouds
 from tools.download import NAMED_CHECKPOINTS, resolve_checkpoint
 
@@ -50,22 +50,6 @@ EPISODES = ("5x10", "10x20")       # N-way x K-shot on-the-fly episodes (Point-B
 N_QUERY, TRIALS = 20, 10           # query shapes per class and episode; episodes / repeats per setting (Point-BERT)
 OPENSHAPE_SHOTS = (1, 2, 4, 8, 16)  # shapes per class in OpenShape's few-shot figure
 PROBE_STEPS, PROBE_L2 = 100, 1e-3  # LBFGS iterations of the probe; L2 that keeps separable problems well posed
-TOP_LABELS = 5                     # labels printed per point-cloud file
-
-
-def native_bf16():
-    """True on CPUs with native bf16 arithmetic (AVX-512 BF16 or AMX), where bf16 inference is ~2x faster."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return any(flag in f.read() for flag in (" avx512_bf16", " amx_bf16"))
-    except OSError:
-        return False
-
-
-def precision_context(device, precision):
-    """bf16 autocast for CPU inference (`auto`: where the CPU has native bf16); fp32 otherwise and on CUDA."""
-    bf16 = device.type == "cpu" and (precision == "bf16" or (precision == "auto" and native_bf16()))
-    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16), "bf16" if bf16 else "fp32"
 
 
 # ---- features, gathered across ranks -----------------------------------------------------------------------
@@ -73,7 +57,7 @@ def precision_context(device, precision):
 @torch.no_grad()
 def encode_shard(model, loader, device="cpu", precision="fp32", progress=False):
     """This rank's share of an eval loader -> {"backbone", "text", "image", "label", "index"} CPU tensors."""
-    cast, _ = precision_context(torch.device(device), precision)
+    cast, _ = T.precision_context(torch.device(device), precision)
     parts = {k: [] for k in ("backbone", "text", "image", "label", "index")}
     for points, labels, index in tqdm(loader, desc="encode", disable=None if progress else True, leave=False):
         with cast:
@@ -102,7 +86,7 @@ def merge_shards(shards, total=None):
 
 
 def extract_features(model, loader, device="cpu", precision="fp32", progress=False):
-    """Encode this rank's share of an eval loader (data.make_eval_loader) and gather: every rank returns the
+    """Encode this rank's share of an eval loader (make_eval_loader) and gather: every rank returns the
     features of the whole dataset, each sample once, in dataset order."""
     shards = [encode_shard(model, loader, device, precision, progress)]
     if dist.is_available() and dist.is_initialized():  # a few MB of features per rank, pickled through the group
@@ -225,7 +209,7 @@ def few_shot_folds(model, settings, args, env):
         for k, path in enumerate(paths):
             train, train_y, test, test_y = pointclouds.read_fewshot_fold(path, way, shot, seed=args.seed + k)
             fold = list(zip(torch.cat([train, test]), torch.cat([train_y, test_y]).tolist()))
-            f = extract_features(model, data.make_eval_loader(fold, args.batch_size, env.rank, env.world_size),
+            f = extract_features(model, make_eval_loader(fold, args.batch_size, env.rank, env.world_size),
                                  env.device, args.precision)
             x, y = probe_features(f, args.probe_feature, model.heads != "dual"), f["label"].numpy()
             accs.append(linear_probe(x[:len(train)], y[:len(train)], x[len(train):], y[len(train):],
@@ -262,11 +246,8 @@ def format_comparison(runs):
     fs = list(dict.fromkeys(k for r in runs for k in (r.get("few_shot") or {}).get("settings", {})))
     lines = ["| checkpoint | variant | " + " | ".join([f"{z} top-1" for z in zs] + fs) + " |", "|---" * (2 + len(zs) + len(fs)) + "|"]
     for r in runs:
-        cells = []
-        for z in zs:
-            branches = r.get("zero_shot", {}).get(z, {}).get("branches", {})
-            best = branches.get("fused") or branches.get("single")
-            cells.append(f"{100 * best['top1']:.2f}" if best else "")
+        branches = [r.get("zero_shot", {}).get(z, {}).get("branches", {}) for z in zs]  # fused, or OpenShape's single
+        cells = [f"{100 * (b.get('fused') or b['single'])['top1']:.2f}" if b else "" for b in branches]
         for k in fs:
             s = (r.get("few_shot") or {}).get("settings", {}).get(k, {})
             cells.append(f"{100 * s['mean']:.2f} +- {100 * s['std']:.2f}" if "mean" in s else "")
@@ -276,45 +257,14 @@ def format_comparison(runs):
 
 def write_results(results, out_dir, stem, markdown):
     """eval_<stem>.json and eval_<stem>.md in out_dir -> their paths."""
-    base = os.path.join(out_dir, f"eval_{stem}")
-    with open(base + ".json", "w") as f:
-        json.dump(results, f, indent=1)
-    with open(base + ".md", "w") as f:
-        f.write(markdown)
-    return base + ".json", base + ".md"
+    paths = [os.path.join(out_dir, f"eval_{stem}.{ext}") for ext in ("json", "md")]
+    for path, text in zip(paths, (json.dumps(results, indent=1), markdown)):
+        with open(path, "w") as f:
+            f.write(text)
+    return paths
 
 
 # ---- the modes ---------------------------------------------------------------------------------------------
-
-@torch.no_grad()
-def run_point_clouds(args, model, env, num_points):
-    """--pc: encode the files in order; classify against --labels and/or write --dump-features."""
-    points = torch.stack([pointclouds.prepare_points(xyz, rgb, num_points, args.up) for xyz, rgb in args.clouds])
-    cast, _ = precision_context(env.device, args.precision)
-    with cast:
-        outs = [model(points[i:i + args.batch_size].to(env.device)) for i in range(0, len(points), args.batch_size)]
-    feats = {k: torch.cat([o[k] for o in outs]).float().cpu() for k in ("backbone", "text", "image")}
-    predictions = {}
-    if args.labels:
-        from tools import clip_features
-        clip, tokenizer, _ = clip_features.load_clip(args.clip_model, args.clip_pretrained, str(env.device))
-        class_feat = torch.as_tensor(clip_features.encode_class_names(args.labels, clip, tokenizer, device=str(env.device)))
-        if class_feat.shape[1] != model.clip_dim:
-            raise T.BadInput(f"--clip-model {args.clip_model}: gives {class_feat.shape[1]}-d text features, the "
-                             f"checkpoint's heads output {model.clip_dim}-d (the teacher is ViT-bigG-14)")
-        text, _, fused = zero_shot_scores(feats["text"], feats["image"], class_feat, args.alpha)
-        top = (text if model.heads == "openshape" else fused).topk(min(TOP_LABELS, len(args.labels)), dim=1)
-        for path, vals, idx in zip(args.pc, top.values, top.indices):
-            predictions[path] = [(args.labels[int(i)], float(v)) for v, i in zip(vals, idx)]
-            if env.is_main:
-                print(f"{path}: " + " | ".join(f"{name} {v:.3f}" for name, v in predictions[path]))
-    if args.dump_features and env.is_main:
-        os.makedirs(os.path.dirname(os.path.abspath(args.dump_features)), exist_ok=True)  # checked, not made, at parse
-        with open(args.dump_features, "wb") as f:  # a file handle keeps the exact name (np.savez adds .npz)
-            np.savez(f, **{k: v.numpy() for k, v in feats.items()}, files=np.array(args.pc))
-        print(f"wrote features of {len(args.pc)} clouds to {args.dump_features}")
-    return {"predictions": predictions, "features": feats}
-
 
 def run_benchmarks(args, ckpt_name, model, ckpt, env, num_points):
     """Zero-shot on every benchmark found, then the few-shot protocols."""
@@ -325,10 +275,10 @@ def run_benchmarks(args, ckpt_name, model, ckpt, env, num_points):
     single, probe_on = model.heads == "openshape", args.probe_on if args.probe_on in sets else next(iter(sets))
     results = {"checkpoint": ckpt_name, "variant": variant(ckpt), "heads": model.heads, "alpha": args.alpha,
                "num_points": num_points, "point_order": args.point_order, "data": root, "world_size": env.world_size,
-               "precision": precision_context(env.device, args.precision)[1], "zero_shot": {}}
+               "precision": T.precision_context(env.device, args.precision)[1], "zero_shot": {}}
     for name, ds in sets.items():
         if "zero-shot" in args.tasks or name == probe_on:
-            feats = extract_features(model, data.make_eval_loader(ds, args.batch_size, env.rank, env.world_size, args.workers),
+            feats = extract_features(model, make_eval_loader(ds, args.batch_size, env.rank, env.world_size, args.workers),
                                      env.device, args.precision, progress=env.is_main)
         if "zero-shot" in args.tasks:
             results["zero_shot"][name] = {"num_samples": len(feats["label"]), "num_classes": len(ds.class_names),
@@ -398,21 +348,10 @@ def parse_args(argv):
     # a released checkpoint's size is --scaling (checked before its download); our own checkpoint knows its
     # size, checked once it is loaded: here only against the smallest size
     T.check_points(args.num_points, args.scaling if named else None)
-    if args.pc and args.compare:
-        raise T.BadInput("--pc takes one --ckpt, not --compare")
-    if args.pc and not (args.labels is not None or args.dump_features):
-        raise T.BadInput("--pc needs --labels (zero-shot) and/or --dump-features OUT.npz")
-    if not args.pc and (args.labels is not None or args.dump_features):
-        raise T.BadInput(f"{'--labels' if args.labels is not None else '--dump-features'} needs --pc FILE ... "
-                         f"(the point clouds to classify or encode)")
+    pointclouds.check_flags(args)  # --pc, --labels, --dump-features
     if args.data and not args.pc and not any(data.has_benchmark(args.data, b) for b in args.benchmarks):
         raise T.BadInput(f"--data {args.data}: none of the benchmarks {', '.join(args.benchmarks)} found "
                          f"(see docs/data-format.md)")
-    args.clouds = [pointclouds.read_point_cloud(path) for path in args.pc or []]
-    args.labels = T.parse_names(args.labels, "--labels") if args.labels is not None else None
-    if args.labels:
-        from tools import clip_features
-        clip_features.check_clip(args.clip_model, args.clip_pretrained, ("--clip-model", "--clip-pretrained"))
     args.folds = pointclouds.fewshot_settings(args.fewshot_folds) if args.fewshot_folds and "few-shot" in args.tasks else None
     # every fold is read once here too (seconds, one at a time): a damaged one met after the zero-shot run wastes it
     for (way, shot), paths in (args.folds or {}).items():
@@ -437,7 +376,7 @@ def main(argv=None):
             if num_points < model.cfg.num_patches:
                 raise T.BadInput(f"--num-points {num_points}: fewer than the {model.cfg.num_patches} patches of {name}")
             if args.pc:
-                return run_point_clouds(args, model, env, num_points)
+                return pointclouds.run_point_clouds(args, model, env, num_points)
             results = run_benchmarks(args, name, model, ckpt, env, num_points)
             results["wall_s"] = round(time.time() - t0, 1)
             runs.append(results)

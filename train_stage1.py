@@ -30,7 +30,7 @@ from tqdm import tqdm
 import data
 import training as T
 from adapters import ClipImageAdapter
-from checkpoint import atomic_save, find_resume, resume, save_latest
+from checkpoint import atomic_save, endless_batches, find_resume, make_train_loader, resume, save_latest
 from loss import clamp_logit_scale_, contrastive_loss, logit_scale_parameter
 
 PRESETS = {
@@ -111,7 +111,7 @@ def main(argv=None):
     holdout = min(args.holdout, len(full) // 5)
     heldout, train_set = Subset(full, order[:holdout]), Subset(full, order[holdout:])
     train_set.set_epoch = full.set_epoch  # the sampler's epoch reaches the dataset through the subset
-    loader, sampler = data.make_train_loader(train_set, local_batch, env.rank, env.world_size, args.seed, args.workers)
+    loader, sampler = make_train_loader(train_set, local_batch, env.rank, env.world_size, args.seed, args.workers)
     before, n_heldout = retrieval_top1(heldout)
 
     model = Stage1Model(full.clip_dim, args.ratio).to(env.device)
@@ -124,7 +124,7 @@ def main(argv=None):
     steps_per_epoch = len(loader)
     total_steps = min(args.epochs * steps_per_epoch, args.max_steps or 10 ** 12)
     warmup_steps = args.warmup_epochs * steps_per_epoch
-    batches, t0 = T.endless_batches(loader, sampler, step, local_batch), time.time()
+    batches, t0 = endless_batches(loader, sampler, step, local_batch), time.time()
     if env.is_main:
         print(f"stage 1 | {len(train_set)} train / {n_heldout} held-out pairs | {steps_per_epoch} steps/epoch "
               f"| held-out image->text top-1 before (identity): {before:.3f} | out {run_dir}")

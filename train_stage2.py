@@ -28,7 +28,8 @@ from tqdm import tqdm
 import data
 import evaluate
 import training as T
-from checkpoint import find_resume, load_cia, resume, save_latest
+from checkpoint import (KNN_GROUP_SIZE, endless_batches, find_resume, load_cia, make_eval_loader, make_train_loader, resume,
+                        save_latest)
 from loss import contrastive_loss
 from model import CONFIGS, TAMM
 
@@ -96,9 +97,9 @@ def parse_args(argv):
     data.check_split(args.data, args.split)
     if args.knn:  # what the knn sampler would find out only once the run has started
         local = args.batch_size // int(os.environ.get("WORLD_SIZE", "1"))
-        if local % data.KNN_GROUP_SIZE:
+        if local % KNN_GROUP_SIZE:
             raise T.BadInput(f"--knn: the batch per process ({local}) is not a multiple of the knn group size "
-                             f"{data.KNN_GROUP_SIZE}; change --batch-size")
+                             f"{KNN_GROUP_SIZE}; change --batch-size")
         if args.data and not data.find_file(args.data, data.KNN_FILE):
             raise T.BadInput(f"--knn: {os.path.join(args.data, data.KNN_FILE[0])}: file not found")
     return args
@@ -106,7 +107,7 @@ def parse_args(argv):
 
 def validate(model, val, env, batch_size):
     """Zero-shot top-1 of each branch on the validation set (monitoring only: no checkpoint is selected)."""
-    feats = evaluate.extract_features(model.eval(), data.make_eval_loader(val, batch_size, env.rank, env.world_size),
+    feats = evaluate.extract_features(model.eval(), make_eval_loader(val, batch_size, env.rank, env.world_size),
                                       env.device)
     metrics = evaluate.zero_shot(feats, val.class_feat, single_branch=model.heads != "dual")
     model.train()
@@ -127,7 +128,7 @@ def main(argv=None):
     dataset = data.TrainTriplets(root, args.split, num_points=args.num_points, seed=args.seed, strict=args.strict,
                                  path_prefix=args.path_prefix)
     knn = (data.find_file(root, data.KNN_FILE) or os.path.join(root, data.KNN_FILE[0])) if args.knn else None
-    loader, sampler = data.make_train_loader(dataset, local_batch, env.rank, env.world_size, args.seed, args.workers,
+    loader, sampler = make_train_loader(dataset, local_batch, env.rank, env.world_size, args.seed, args.workers,
                                              knn=knn)
     val = None if args.val == "none" else data.load_benchmarks(root, args.num_points, names=(args.val,),
                                                                path_prefix=args.path_prefix).get(args.val)
@@ -156,7 +157,7 @@ def main(argv=None):
     total_steps = min(args.epochs * steps_per_epoch, args.max_steps or 10 ** 12)
     warmup_steps = args.warmup_epochs * steps_per_epoch
     guard = T.NonFiniteGuard(model, args.max_nonfinite, log, os.path.join(run_dir, "latest.pt"))
-    batches = T.endless_batches(loader, sampler, start, local_batch)
+    batches = endless_batches(loader, sampler, start, local_batch)
     skipped, seen, t0 = 0, 0, time.time()
     if env.is_main:
         print(f"stage 2 | {len(dataset)} shapes | {steps_per_epoch} steps/epoch | global batch {args.batch_size} | "

@@ -276,10 +276,25 @@ def param_groups(model, weight_decay, decay_everything=False):
 
 
 def autocast(device, precision):
-    """One autocast context for the forward pass: bf16 or fp16 on CUDA, nothing (fp32) otherwise."""
+    """One autocast context for a training forward pass: bf16 or fp16 on CUDA, nothing (fp32) otherwise."""
     if device.type != "cuda" or precision == "fp32":
         return torch.autocast(device.type, enabled=False)
     return torch.autocast("cuda", dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+def native_bf16():
+    """True on CPUs with native bf16 arithmetic (AVX-512 BF16 or AMX), where bf16 inference is ~2x faster."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(flag in f.read() for flag in (" avx512_bf16", " amx_bf16"))
+    except OSError:
+        return False
+
+
+def precision_context(device, precision):
+    """bf16 autocast for CPU inference (`auto`: where the CPU has native bf16); fp32 otherwise and on CUDA."""
+    bf16 = device.type == "cpu" and (precision == "bf16" or (precision == "auto" and native_bf16()))
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16), "bf16" if bf16 else "fp32"
 
 
 class _CpuSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
@@ -336,17 +351,6 @@ def start_run(args, env, stage):
         with open(os.path.join(run_dir, "config.json"), "w") as f:
             json.dump(info, f, indent=2, default=str)
     return run_dir, RunLog(run_dir, env.is_main)
-
-
-def endless_batches(loader, sampler, step, local_batch):
-    """The batches of a run from global step `step` on, epoch after epoch (epoch = step // batches per epoch).
-    The data position is a function of the step alone, so a resumed run sees exactly the batches it missed."""
-    epoch, done = divmod(step, len(loader))
-    while True:
-        sampler.set_epoch(epoch)  # a new shuffle; the dataset's augmentation follows the epoch too
-        sampler.skip(done * local_batch)
-        yield from loader
-        epoch, done = epoch + 1, 0
 
 
 class RunLog:

@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+import checkpoint
 import data
 import evaluate
 from tools import pointclouds
@@ -110,17 +111,17 @@ def test_sharded_encoding_counts_every_sample_once(world):
     root, tamm, _ = world
     ds = data.load_benchmarks(root, N_POINTS)["modelnet40"]
     m = load_pretrained(tamm, scaling="tiny")
-    full = evaluate.extract_features(m, data.make_eval_loader(ds, 4))
+    full = evaluate.extract_features(m, checkpoint.make_eval_loader(ds, 4))
     assert torch.equal(full["index"], torch.arange(len(ds))) and len(ds) == 19
     for world_size in (2, 4):
-        shards = [evaluate.encode_shard(m, data.make_eval_loader(ds, 5, rank, world_size)) for rank in range(world_size)]
+        shards = [evaluate.encode_shard(m, checkpoint.make_eval_loader(ds, 5, rank, world_size)) for rank in range(world_size)]
         assert sum(len(s["index"]) for s in shards) == len(ds)
         merged = evaluate.merge_shards(shards, total=len(ds))
         assert torch.equal(merged["label"], torch.tensor(ds.labels))
         for k in ("backbone", "text", "image"):
             assert torch.allclose(merged[k], full[k], atol=1e-5)
     # more ranks than shapes: the last rank encodes nothing but still contributes correctly shaped tensors
-    empty = evaluate.encode_shard(m, data.make_eval_loader(ds, 5, 19, 20))
+    empty = evaluate.encode_shard(m, checkpoint.make_eval_loader(ds, 5, 19, 20))
     assert empty["text"].shape == (0, 1280) and empty["backbone"].shape == (0, 128) and empty["index"].dtype == torch.long
     assert torch.equal(evaluate.merge_shards([empty] + shards, total=len(ds))["index"], full["index"])
     with pytest.raises(RuntimeError, match="more than one rank"):
@@ -143,7 +144,7 @@ def _rank_main(rank, world_size, port, argv, out):
     info = setup_distributed("cpu")
     root, ckpt = argv[argv.index("--data") + 1], argv[argv.index("--ckpt") + 1]
     ds = data.load_benchmarks(root, N_POINTS)["modelnet40"]
-    loader = data.make_eval_loader(ds, 4, info.rank, info.world_size)
+    loader = checkpoint.make_eval_loader(ds, 4, info.rank, info.world_size)
     local = len(list(loader.sampler))
     feats = evaluate.extract_features(load_pretrained(ckpt, scaling="tiny"), loader)
     torch.save({"local": local, "index": feats["index"], "text": feats["text"]}, os.path.join(out, f"feats{rank}.pt"))
@@ -158,7 +159,7 @@ def test_two_process_gloo_run_matches_single_process(world, tmp_path):
     single = evaluate.main(argv)
     mp.spawn(_rank_main, args=(2, _free_port(), argv, str(tmp_path)), nprocs=2, join=True)
     single_text = evaluate.extract_features(load_pretrained(tamm, scaling="tiny"),
-                                            data.make_eval_loader(data.load_benchmarks(root, N_POINTS)["modelnet40"], 4))["text"]
+                                            checkpoint.make_eval_loader(data.load_benchmarks(root, N_POINTS)["modelnet40"], 4))["text"]
     gathered = [torch.load(tmp_path / f"feats{rank}.pt") for rank in range(2)]
     assert [g["local"] for g in gathered] == [10, 9]                      # each rank encoded its own part...
     for g in gathered:                                                     # ...and received everything once

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+import checkpoint
 import data
 import evaluate
 import train_stage1
@@ -44,9 +45,9 @@ def tamm_layout(world, root):
     # the synthetic world has no ScanObjectNN: write one where TAMM keeps it
     rng = np.random.default_rng(0)
     labels = np.repeat(np.arange(len(data.SCANOBJECTNN_CLASSES)), SCAN_PER_CLASS)
-    data.save_npy(os.path.join(meta, "Zero-Shot", "scanobjectnn", "xyz_label.npy"),
+    checkpoint.save_npy(os.path.join(meta, "Zero-Shot", "scanobjectnn", "xyz_label.npy"),
                   {"xyz": rng.standard_normal((len(labels), SCAN_POINTS, 3)).astype(np.float32), "label": labels})
-    data.save_npy(os.path.join(meta, "Zero-Shot", "scanobjectnn", "cat_name_pt_feat.npy"),
+    checkpoint.save_npy(os.path.join(meta, "Zero-Shot", "scanobjectnn", "cat_name_pt_feat.npy"),
                   {c: {"open_clip_text_feat": rng.standard_normal((1, data.CLIP_DIM)).astype(np.float32)}
                    for c in data.SCANOBJECTNN_CLASSES})
     return root

@@ -42,6 +42,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import data
 import model
+from checkpoint import make_train_loader
 from loss import contrastive_loss, per_target_loss
 from tools import synthetic
 from tools.reference import baseline_encoder, release_ball_query, release_fps
@@ -55,7 +56,6 @@ QUICK = dict(ball=dict(B=2, S=32, N=1000, k=16, radius=0.2), fps=dict(B=2, N=100
              loss=dict(P=2, D=32, B=(32, 64), mem_B=128, chunk=32), encoder=dict(scaling="tiny", B=2, N=1024, repeats=3),
              eval=dict(scaling="tiny", B=2, N=1024), launches=dict(scaling="tiny", B=2, N=512),
              cuda=dict(scaling="tiny", B=4, N=1024), reader_batches=3)
-ROWS = ["ball_query", "fps", "loss", "encoder", "launches", "eval", "cuda", "data"]
 LOGIT_SCALE = 14.28  # the temperature at initialisation (official config)
 
 
@@ -142,15 +142,16 @@ def close(a, b, rel):
     return bool((a.float() - b.float()).abs().max() <= rel * b.float().abs().max().clamp(min=1e-12))
 
 
-def row(name, what, size, target, baseline, ours, ratio, passed, equal=True, **extra):
-    status = "PASS" if passed and equal else "MISS" if equal else "MISS (outputs differ)"
+def row(name, what, size, target, baseline, ours, ratio, passed, equal=True, status=None, **extra):
+    status = status or ("PASS" if passed and equal else "MISS" if equal else "MISS (outputs differ)")
     return dict(name=name, what=what, size=size, target=target, baseline=baseline, ours=ours, ratio=ratio,
                 status=status, equal=equal, **extra)
 
 
-def skipped(name, what, size, target, note):
-    return dict(name=name, what=what, size=size, target=target, baseline="", ours="", ratio=None, status="skipped",
-                equal=None, note=note)
+def ratio_row(name, what, size, target, measured, fmt, minimum, equal=True, **extra):
+    """A row of {"baseline": [...], "ours": [...]}: their medians shown by `fmt`, PASS at baseline / ours >= minimum."""
+    b, o, ratio = median_ratio(measured["baseline"], measured["ours"])
+    return row(name, what, size, target, fmt(b), fmt(o), ratio, ratio >= minimum, equal, **extra)
 
 
 def cloud(B, N, device, seed=0):
@@ -163,6 +164,10 @@ def cloud(B, N, device, seed=0):
 
 def fmt_s(t):
     return f"{t * 1e3:.1f} ms" if t < 1 else f"{t:.2f} s"
+
+
+def fmt_mb(mb):
+    return f"{mb:.0f} MB"
 
 
 # ---- the operations timed (module level: the memory child imports them) ----------------------------------------
@@ -306,7 +311,7 @@ def count_launches(side, c):
     return dict(counter.counts)  # the patches above die with the subprocess
 
 
-def bench_launches(S, device, args):
+def bench_launches(S, device, args, rates):
     """Each side in a subprocess: TRITON_INTERPRET=1 has to be set before kernels.py is imported."""
     c, counts = S["launches"], {}
     for side in ("ours", "eager", "release"):
@@ -332,60 +337,55 @@ def bench_launches(S, device, args):
 
 # ---- the rows -------------------------------------------------------------------------------------------
 
-def compare(build, args, device, repeats, mem_repeats):
-    """Both sides of build(*args, device): ({side: warm-up output}, {side: [s]}, {side: [peak MB]})."""
-    mem = {side: [peak_extra_mb(build, args, side, device) for _ in range(mem_repeats)] for side in build(*args, device)}
-    outs, times = interleaved(build(*args, device), repeats, device) if repeats else ({}, {})
+def compare(build, c, device, repeats, mem_repeats):
+    """Both sides of build(c, device): ({side: warm-up output}, {side: [s]}, {side: [peak MB]})."""
+    mem = {side: [peak_extra_mb(build, (c,), side, device) for _ in range(mem_repeats)] for side in build(c, device)}
+    outs, times = interleaved(build(c, device), repeats, device) if repeats else ({}, {})
     return outs, times, mem
 
 
-def bench_ball_query(S, device, args):
+def bench_ball_query(S, device, args, rates):
     c = S["ball"]
-    outs, times, mem = compare(ball_query_ops, (c,), device, args.repeats, args.mem_repeats)
-    (bm, om, mr), (bt, ot, tr) = median_ratio(mem["baseline"], mem["ours"]), median_ratio(times["baseline"], times["ours"])
+    outs, times, mem = compare(ball_query_ops, c, device, args.repeats, args.mem_repeats)
     size, equal = f"B={c['B']} S={c['S']} N={c['N']} k={c['k']}", same_indices(outs)
-    return [row("ball_query_memory", "ball query peak memory", size, ">= 5x lower", f"{bm:.0f} MB", f"{om:.0f} MB",
-                mr, mr >= 5, equal),
-            row("ball_query_time", "ball query time", size, ">= 3x faster", fmt_s(bt), fmt_s(ot), tr, tr >= 3, equal)]
+    return [ratio_row("ball_query_memory", "ball query peak memory", size, ">= 5x lower", mem, fmt_mb, 5, equal),
+            ratio_row("ball_query_time", "ball query time", size, ">= 3x faster", times, fmt_s, 3, equal)]
 
 
-def bench_fps(S, device, args):
+def bench_fps(S, device, args, rates):
     c = S["fps"]
-    outs, times, _ = compare(fps_ops, (c,), device, args.repeats, 0)
-    b, o, ratio = median_ratio(times["baseline"], times["ours"])
-    return [row("fps_time", "FPS time", f"B={c['B']} N={c['N']} S={c['S']}", ">= 2x faster", fmt_s(b), fmt_s(o), ratio,
-                ratio >= 2, same_indices(outs))]
+    outs, times, _ = compare(fps_ops, c, device, args.repeats, 0)
+    return [ratio_row("fps_time", "FPS time", f"B={c['B']} N={c['N']} S={c['S']}", ">= 2x faster", times, fmt_s, 2,
+                      same_indices(outs))]
 
 
-def bench_loss(S, device, args):
+def bench_loss(S, device, args, rates):
     """Time at every batch size of the sweep (never slower than the loop), peak memory at the largest."""
     c, rows = S["loss"], []
     for B in c["B"]:
-        outs, times, _ = compare(loss_ops, (dict(c, B=B, chunk=None),), device, args.repeats, 0)
-        b, o, ratio = median_ratio(times["baseline"], times["ours"])
-        rows.append(row(f"loss_time_B{B}", "loss fwd+bwd time vs the per-target loop", f"P={c['P']} B={B} D={c['D']}",
-                        ">= 1x (never slower)", fmt_s(b), fmt_s(o), ratio, ratio >= 1, same_loss(outs)))
-    _, _, mem = compare(loss_ops, (dict(c, B=c["mem_B"]),), device, 0, args.mem_repeats)
-    (bm, om, mr), cm = median_ratio(mem["baseline"], mem["ours"]), statistics.median(mem["chunked"])
-    rows.append(row("loss_memory", "loss peak memory", f"P={c['P']} B={c['mem_B']} D={c['D']}", ">= 1.7x lower",
-                    f"{bm:.0f} MB", f"{om:.0f} MB", mr, mr >= 1.7, chunked_mb=cm,
-                    note=f"with chunk_size={c['chunk']} (--loss-chunk): {cm:.0f} MB, {bm / cm:.2f}x lower"))
+        outs, times, _ = compare(loss_ops, dict(c, B=B, chunk=None), device, args.repeats, 0)
+        rows.append(ratio_row(f"loss_time_B{B}", "loss fwd+bwd time vs the per-target loop",
+                              f"P={c['P']} B={B} D={c['D']}", ">= 1x (never slower)", times, fmt_s, 1, same_loss(outs)))
+    _, _, mem = compare(loss_ops, dict(c, B=c["mem_B"]), device, 0, args.mem_repeats)
+    bm, cm = statistics.median(mem["baseline"]), statistics.median(mem["chunked"])
+    rows.append(ratio_row("loss_memory", "loss peak memory", f"P={c['P']} B={c['mem_B']} D={c['D']}", ">= 1.7x lower",
+                          mem, fmt_mb, 1.7, chunked_mb=cm,
+                          note=f"with chunk_size={c['chunk']} (--loss-chunk): {cm:.0f} MB, {bm / cm:.2f}x lower"))
     return rows
 
 
-def bench_encoder(S, device, args):
+def bench_encoder(S, device, args, rates):
     c = S["encoder"]
-    outs, times, mem = compare(encoder_ops, (c,), device, min(args.repeats, c["repeats"]), min(args.mem_repeats, 1))
-    equal, (bt, ot, tr) = same_step(outs["ours"], outs["baseline"]), median_ratio(times["baseline"], times["ours"])
-    bm, om, mr = median_ratio(mem["baseline"], mem["ours"])
-    size = f"scaling {c['scaling']} B={c['B']} N={c['N']}"
-    return [row("encoder_step_time", "encoder train step", size, ">= 1.15x samples/s", f"{c['B'] / bt:.2f} /s",
-                f"{c['B'] / ot:.2f} /s", tr, tr >= 1.15, equal, samples_per_s=c["B"] / ot),
-            row("encoder_step_memory", "encoder train step peak memory", size, ">= 1.3x lower", f"{bm:.0f} MB",
-                f"{om:.0f} MB", mr, mr >= 1.3, equal)]
+    outs, times, mem = compare(encoder_ops, c, device, min(args.repeats, c["repeats"]), min(args.mem_repeats, 1))
+    size, equal = f"scaling {c['scaling']} B={c['B']} N={c['N']}", same_step(outs["ours"], outs["baseline"])
+    rate = c["B"] / statistics.median(times["ours"])
+    return [ratio_row("encoder_step_time", "encoder train step", size, ">= 1.15x samples/s", times,
+                      lambda t: f"{c['B'] / t:.2f} /s", 1.15, equal, samples_per_s=rate),
+            ratio_row("encoder_step_memory", "encoder train step peak memory", size, ">= 1.3x lower", mem, fmt_mb, 1.3,
+                      equal)]
 
 
-def bench_eval(S, device, args):
+def bench_eval(S, device, args, rates):
     """CPU inference in fp32 and in bf16 autocast (evaluate.py --precision), eval mode, and their agreement."""
     c = S["eval"]
     torch.manual_seed(0)
@@ -402,13 +402,13 @@ def bench_eval(S, device, args):
                 ratio >= 1.5 and cos >= 0.9999, note=f"min cosine of the backbone features bf16 vs fp32: {cos:.6f}")]
 
 
-def bench_cuda(S, device, args):
+def bench_cuda(S, device, args, rates):
     """On a GPU: our step (bf16 autocast, SDPA, Triton grouping, fused AdamW) against the release-style fp32
     step (no TF32); the grouping's share of our step; Triton against PyTorch grouping (time and agreement)."""
     c = S["cuda"]
     size = f"scaling {c['scaling']} B={c['B']} N={c['N']}"
     if not torch.cuda.is_available():
-        return [skipped(n, w, size, t, "no CUDA device") for n, w, t in (
+        return [row(n, w, size, t, "", "", None, False, None, "skipped", note="no CUDA device") for n, w, t in (
             ("cuda_step", "training step, ours bf16 vs release-style fp32", ">= 3x samples/s"),
             ("cuda_grouping_share", "grouping share of our step", "<= 10%"),
             ("cuda_grouping_time", "FPS + ball query, Triton vs PyTorch", "report"))]
@@ -425,12 +425,12 @@ def bench_cuda(S, device, args):
     grouping = {"torch": lambda: model.group(xyz, pts, cfg.num_patches, cfg.radius, cfg.k, backend="torch"),
                 "triton": lambda: model.group(xyz, pts, cfg.num_patches, cfg.radius, cfg.k, backend="triton")}
     outs, times = interleaved({"baseline": lambda: train_step(base, pts), "ours": ours_step, **grouping}, args.repeats, dev)
-    (bt, ot, tr), share = median_ratio(times["baseline"], times["ours"]), statistics.median(times["triton"]) / statistics.median(times["ours"])
+    ot, share = statistics.median(times["ours"]), statistics.median(times["triton"]) / statistics.median(times["ours"])
     gt, gk, gr = median_ratio(times["torch"], times["triton"])
     agree = (outs["torch"][1] == outs["triton"][1]).float().mean().item()
     mem = {s: peak_extra_mb(encoder_ops, (c,), s, dev) for s in ("baseline", "ours")}
-    return [row("cuda_step", "training step, ours bf16 vs release-style fp32", size, ">= 3x samples/s",
-                f"{c['B'] / bt:.1f} /s", f"{c['B'] / ot:.1f} /s", tr, tr >= 3, note=f"peak MB fp32 eager {mem}"),
+    return [ratio_row("cuda_step", "training step, ours bf16 vs release-style fp32", size, ">= 3x samples/s", times,
+                      lambda t: f"{c['B'] / t:.1f} /s", 3, note=f"peak MB fp32 eager {mem}"),
             row("cuda_grouping_share", "grouping share of our step", size, "<= 10%", "",
                 f"{100 * share:.1f}% of {fmt_s(ot)}", share, share <= 0.1),
             row("cuda_grouping_time", "FPS + ball query + gather, Triton vs PyTorch", size, ">= 99.9% same neighbours",
@@ -441,14 +441,14 @@ def bench_data(S, device, args, rates):
     """Samples/s of the training reader (TrainTriplets + 4 workers) next to the encoder step it feeds."""
     c = S["encoder"]
     root = args.world or synthetic.ensure_world(progress=False)
-    loader, _ = data.make_train_loader(data.TrainTriplets(root, num_points=c["N"]), c["B"], workers=args.workers)
+    loader, _ = make_train_loader(data.TrainTriplets(root, num_points=c["N"]), c["B"], workers=args.workers)
     batches = iter(loader)
     next(batches)  # worker start-up is not reading
     t0, n = time.perf_counter(), sum(len(b["points"]) for _, b in zip(range(S["reader_batches"]), batches))
     rate, step = n / (time.perf_counter() - t0), rates.get("encoder")
     size = f"{args.workers} workers, B={c['B']}, N={c['N']}"
     if step is None:
-        return [dict(row("data_reader", "data reader", size, "report", "", f"{rate:.1f} /s", None, True), status="info")]
+        return [row("data_reader", "data reader", size, "report", "", f"{rate:.1f} /s", None, True, status="info")]
     return [row("data_reader", "data reader vs the encoder step", size, ">= 1x the step's samples/s",
                 f"step {step:.1f} /s", f"{rate:.1f} /s", rate / step, rate >= step, samples_per_s=rate)]
 
@@ -475,12 +475,16 @@ def print_table(rows):
             print(f"  note, {r['what']}: {r['note']}")
 
 
+ROWS = {"ball_query": bench_ball_query, "fps": bench_fps, "loss": bench_loss, "encoder": bench_encoder,
+        "launches": bench_launches, "eval": bench_eval, "cuda": bench_cuda, "data": bench_data}
+
+
 def main(argv=None):
     ap = Parser(__doc__.split("\n")[0])
     ap.add_argument("--device", type=device_flag, default="cpu", help="cpu or cuda (the CUDA rows run whenever a GPU exists)")
     ap.add_argument("--out", type=output_file, default="bench.json", help="JSON results (bench*.json is git-ignored)")
     ap.add_argument("--quick", action="store_true", help="tiny sizes, for tests")
-    ap.add_argument("--only", nargs="+", choices=ROWS, default=ROWS, help="rows to run")
+    ap.add_argument("--only", nargs="+", choices=list(ROWS), default=list(ROWS), help="rows to run")
     ap.add_argument("--repeats", type=POSITIVE_INT, default=5, help="timed rounds per side, after one warm-up")
     ap.add_argument("--mem-repeats", type=POSITIVE_INT, default=2, help="peak-memory measurements per side")
     ap.add_argument("--workers", type=COUNT, default=4, help="data reader workers")
@@ -495,12 +499,10 @@ def main(argv=None):
     torch.backends.cudnn.allow_tf32 = False  # fp32 means fp32: the parity checks compare fp32 results
     S, info = QUICK if args.quick else FULL, machine_info(device)
     print("machine: " + " | ".join(f"{k} {v}" for k, v in info.items()), flush=True)
-    benches = {"ball_query": bench_ball_query, "fps": bench_fps, "loss": bench_loss, "encoder": bench_encoder,
-               "launches": bench_launches, "eval": bench_eval, "cuda": bench_cuda}
     rows, rates = [], {}
     for name in [r for r in ROWS if r in args.only]:
         t0 = time.perf_counter()
-        new = bench_data(S, device, args, rates) if name == "data" else benches[name](S, device, args)
+        new = ROWS[name](S, device, args, rates)
         rates |= {name: r["samples_per_s"] for r in new if "samples_per_s" in r}
         rows += new
         print(f"done: {name} ({time.perf_counter() - t0:.0f} s)", flush=True)

@@ -48,7 +48,7 @@ from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
 from PIL import Image
 from tqdm import tqdm
 
-from data import save_npy
+from checkpoint import save_npy
 from tools.download import hub_check
 from tools.pointclouds import read_point_cloud
 from training import (BadInput, Parser, check_writable, device, existing_dir, existing_file, output_dir, output_file,
@@ -122,11 +122,9 @@ def load_clip(model_name=DEFAULT_MODEL, pretrained=DEFAULT_PRETRAINED, device="c
     `pretrained`: an open_clip tag of `model_name`, a path to a weights file, or None/"none" for random
     weights. Fails fast with BadInput when the weights cannot be had (no network, missing file)."""
     cfg = check_clip(model_name, pretrained)
-    weights = None
-    if cfg:
+    weights = None if pretrained is None or os.fspath(pretrained).lower() == "none" else os.fspath(pretrained)
+    if cfg:  # a tag: its file in the Hugging Face cache, downloaded if need be
         weights = _tag_weights(model_name, pretrained, cfg)
-    elif pretrained is not None and os.fspath(pretrained).lower() != "none":
-        weights = os.fspath(pretrained)
     # Build with random weights and load the file ourselves, so only loading errors become BadInput. The tag's
     # preprocessing is applied as open_clip does; its QuickGELU flag is forced, where open_clip only warns on a
     # mismatch that silently gives wrong features.
@@ -176,8 +174,7 @@ def _check_names(names):
     for i, name in enumerate(names):
         if not isinstance(name, str) or not name.strip():
             raise BadInput(f"class name {i + 1} of {len(names)} is empty")
-    duplicates = sorted({n for n in names if names.count(n) > 1})
-    if duplicates:
+    if duplicates := sorted({n for n in names if names.count(n) > 1}):
         raise BadInput(f"class names appear more than once: {', '.join(duplicates)}")
 
 
@@ -289,8 +286,7 @@ def encode_shape_folder(images_dir, out_dir, model, tokenizer, preprocess, capti
     `group` (a sub-division in the release, e.g. an Objaverse shard) is the name of `images_dir`."""
     shapes = scan_shape_folder(images_dir)
     texts_by_id = _read_captions(captions) if captions else {}
-    unknown = set(texts_by_id) - {s[0] for s in shapes}
-    if unknown:
+    if unknown := set(texts_by_id) - {s[0] for s in shapes}:
         print(f"warning: {captions}: {len(unknown)} captioned ids have no folder in {images_dir}", file=sys.stderr)
     check_writable(out_dir)
     group = os.path.basename(os.path.normpath(images_dir))
@@ -303,20 +299,16 @@ def encode_shape_folder(images_dir, out_dir, model, tokenizer, preprocess, capti
             with open(txt) as f:
                 texts += [line.strip() for line in f if line.strip()]
         image_feat = _encode_images(views, model, preprocess, device)
-        dim = image_feat.shape[1]
-        no_caption = {"original": np.zeros((1, dim), np.float32), "prompt_avg": np.zeros((1, dim), np.float32)}
+        no_caption = {k: np.zeros((1, image_feat.shape[1]), np.float32) for k in ("original", "prompt_avg")}
         text_feat = []
         if texts:
             original = encode_texts(texts, model, tokenizer, device)
             prompt_avg = _prompt_average(texts, model, tokenizer, PROMPT_TEMPLATES, device)
             text_feat = [{"original": original[i:i + 1], "prompt_avg": prompt_avg[i:i + 1]} for i in range(len(texts))]
-        shape = {
-            "dataset": dataset, "group": group, "id": sid, "xyz": xyz, "rgb": rgb,
-            "image_feat": image_feat, "text": texts, "text_feat": text_feat,
-            "blip_caption": "", "blip_caption_feat": dict(no_caption),
-            "msft_caption": "", "msft_caption_feat": dict(no_caption),
-            "retrieval_text": [], "retrieval_text_feat": [],
-        }
+        shape = {"dataset": dataset, "group": group, "id": sid, "xyz": xyz, "rgb": rgb, "image_feat": image_feat,
+                 "text": texts, "text_feat": text_feat, "blip_caption": "", "blip_caption_feat": dict(no_caption),
+                 "msft_caption": "", "msft_caption_feat": dict(no_caption), "retrieval_text": [],
+                 "retrieval_text_feat": []}
         if thumbnail is not None:
             shape["thumbnail_feat"] = _encode_images([thumbnail], model, preprocess, device)[0]
         path = os.path.abspath(os.path.join(out_dir, f"{sid}.npy"))

@@ -11,7 +11,10 @@ import numpy as np
 import torch
 
 import data
-from training import BadInput
+from adapters import zero_shot_scores
+from training import BadInput, parse_names, precision_context
+
+TOP_LABELS = 5  # labels printed per point-cloud file
 
 
 PLY_TYPES = {"char": "i1", "int8": "i1", "uchar": "u1", "uint8": "u1", "short": "i2", "int16": "i2",
@@ -56,11 +59,10 @@ def read_ply(path):
     names = [e[0] for e in elements]
     if "vertex" not in names:
         raise BadInput(f"{path}: bad PLY header (no 'element vertex')")
-    _, count, props = elements[names.index("vertex")]
+    before, (_, count, props) = elements[:names.index("vertex")], elements[names.index("vertex")]
     columns = [p[0] for p in props]
     if not {"x", "y", "z"} <= set(columns) or any(t == "list" for _, t in props):
         raise BadInput(f"{path}: bad PLY header (vertex needs float x, y, z properties and no lists)")
-    before = elements[:names.index("vertex")]
     body = raw[newline + 1:]
     if fmt == "ascii":
         rows = [ln for ln in body.decode("ascii", errors="replace").splitlines() if ln.strip()]
@@ -199,3 +201,49 @@ def read_fewshot_fold(path, way, shot, seed=0):
             raise BadInput(f"{path}: {subset} labels outside 0..{way - 1}")
         out += [points.float(), labels]
     return tuple(out)
+
+
+def check_flags(args):
+    """evaluate.py's --pc flags, at parse time: the combinations, every file read, the labels, the CLIP choice."""
+    if args.pc and args.compare:
+        raise BadInput("--pc takes one --ckpt, not --compare")
+    if args.pc and not (args.labels is not None or args.dump_features):
+        raise BadInput("--pc needs --labels (zero-shot) and/or --dump-features OUT.npz")
+    if not args.pc and (args.labels is not None or args.dump_features):
+        raise BadInput(f"{'--labels' if args.labels is not None else '--dump-features'} needs --pc FILE ... "
+                       f"(the point clouds to classify or encode)")
+    args.clouds = [read_point_cloud(path) for path in args.pc or []]
+    args.labels = parse_names(args.labels, "--labels") if args.labels is not None else None
+    if args.labels:
+        from tools import clip_features
+        clip_features.check_clip(args.clip_model, args.clip_pretrained, ("--clip-model", "--clip-pretrained"))
+
+
+@torch.no_grad()
+def run_point_clouds(args, model, env, num_points):
+    """--pc: encode the files in order; classify against --labels and/or write --dump-features."""
+    points = torch.stack([prepare_points(xyz, rgb, num_points, args.up) for xyz, rgb in args.clouds])
+    cast, _ = precision_context(env.device, args.precision)
+    with cast:
+        outs = [model(points[i:i + args.batch_size].to(env.device)) for i in range(0, len(points), args.batch_size)]
+    feats = {k: torch.cat([o[k] for o in outs]).float().cpu() for k in ("backbone", "text", "image")}
+    predictions = {}
+    if args.labels:
+        from tools import clip_features
+        clip, tokenizer, _ = clip_features.load_clip(args.clip_model, args.clip_pretrained, str(env.device))
+        class_feat = torch.as_tensor(clip_features.encode_class_names(args.labels, clip, tokenizer, device=str(env.device)))
+        if class_feat.shape[1] != model.clip_dim:
+            raise BadInput(f"--clip-model {args.clip_model}: gives {class_feat.shape[1]}-d text features, the "
+                           f"checkpoint's heads output {model.clip_dim}-d (the teacher is ViT-bigG-14)")
+        text, _, fused = zero_shot_scores(feats["text"], feats["image"], class_feat, args.alpha)
+        top = (text if model.heads == "openshape" else fused).topk(min(TOP_LABELS, len(args.labels)), dim=1)
+        for path, vals, idx in zip(args.pc, top.values, top.indices):
+            predictions[path] = [(args.labels[int(i)], float(v)) for v, i in zip(vals, idx)]
+            if env.is_main:
+                print(f"{path}: " + " | ".join(f"{name} {v:.3f}" for name, v in predictions[path]))
+    if args.dump_features and env.is_main:
+        os.makedirs(os.path.dirname(os.path.abspath(args.dump_features)), exist_ok=True)  # checked, not made, at parse
+        with open(args.dump_features, "wb") as f:  # a file handle keeps the exact name (np.savez adds .npz)
+            np.savez(f, **{k: v.numpy() for k, v in feats.items()}, files=np.array(args.pc))
+        print(f"wrote features of {len(args.pc)} clouds to {args.dump_features}")
+    return {"predictions": predictions, "features": feats}

@@ -36,9 +36,9 @@ Layout under ROOT (`data_path` in the split files starts with /mnt/data/, as in 
 LVIS shapes are disjoint from training (so train_no_lvis = train_all). Every set draws its shapes from its
 own seed stream of the same generator; the teacher is shared.
 
-    python synthetic.py                          # build (or reuse) the default cache data/synthetic-<hash>
-    python synthetic.py --out /tmp/world --num-shapes 1000 --num-points 2048 --seed 0
-    python -c "import synthetic; print(synthetic.ensure_world(num_shapes=200))"
+    python -m tools.synthetic                    # build (or reuse) the default cache data/synthetic-<hash>
+    python -m tools.synthetic --out /tmp/world --num-shapes 1000 --num-points 2048 --seed 0
+    python -c "from tools import synthetic; print(synthetic.ensure_world(num_shapes=200))"
 """
 import functools
 import hashlib
@@ -52,7 +52,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from data import save_npy as _save_npy
+from checkpoint import save_npy as _save_npy
 from training import POSITIVE_INT, BadInput, COUNT, Parser, output_dir, run_cli
 
 NUM_SHAPES = 300            # training shapes: few, so that no variant of the ablation saturates (README)
@@ -229,8 +229,7 @@ def bottle(rng, c1, c2):
 
 
 def bookshelf(rng, c1, c2):
-    w, d, h, th, n = (rng.uniform(0.6, 1.4), rng.uniform(0.25, 0.4), rng.uniform(1.0, 2.0), 0.04,
-                      rng.integers(2, 6))
+    w, d, h, th, n = (rng.uniform(0.6, 1.4), rng.uniform(0.25, 0.4), rng.uniform(1.0, 2.0), 0.04, rng.integers(2, 6))
     parts = [P(box(th, d, h), c1, (x, 0, h / 2)) for x in (-w / 2, w / 2)]
     levels = np.linspace(th / 2, h - th / 2, n + 1)
     parts += [P(box(w, d, th), c1, (0, 0, z)) for z in levels]
@@ -361,10 +360,6 @@ def make_shape(rng, category, num_points):
 
 # ----------------------------------------------------------------------------- the simulated CLIP teacher
 
-def _crc(text):
-    return zlib.crc32(text.encode())  # Python's hash() is salted per process; this is stable
-
-
 class Teacher:
     """Simulated CLIP (see the module docstring): a bag-of-words text encoder and a distorted render encoder."""
 
@@ -380,23 +375,20 @@ class Teacher:
         self.lookalike[order] = np.roll(order, -1)  # one cycle: no two categories simply swap places
         self.leak = rng.uniform(*LEAK, len(CATEGORIES))
         self.render = _unit(rng.standard_normal(DIM))
-        self._words = {}
         # many strings repeat ("chair", "a 3D model of chair."); caching them halves the build time
+        self.word = functools.lru_cache(maxsize=None)(self.word)
         self.text_feat = functools.lru_cache(maxsize=16384)(self.text_feat)
 
     def _random(self, stream, key):
-        return _unit(np.random.default_rng([self.seed, stream, _crc(key)]).standard_normal(DIM))
+        # seeded by crc32: Python's hash() is salted per process; this is stable
+        return _unit(np.random.default_rng([self.seed, stream, zlib.crc32(key.encode())]).standard_normal(DIM))
 
     def word(self, w):
-        """(weight, unit direction) of one word."""
-        if w not in self._words:
-            k = _WORD_CATEGORY.get(w)
-            if k is not None:
-                near = self.cat[k] + SYNONYM_SPREAD * self._random(2, w)
-                self._words[w] = (1.0, self.cat[k] if w == CATEGORIES[k] else _unit(near))
-            else:
-                self._words[w] = (0.5 if w in PALETTE else 0.05 if w in STOPWORDS else 0.3, self._random(2, w))
-        return self._words[w]
+        """(weight, unit direction) of one word: a category word lies at (a synonym near) its category direction."""
+        k = _WORD_CATEGORY.get(w)
+        if k is None:
+            return 0.5 if w in PALETTE else 0.05 if w in STOPWORDS else 0.3, self._random(2, w)
+        return 1.0, self.cat[k] if w == CATEGORIES[k] else _unit(self.cat[k] + SYNONYM_SPREAD * self._random(2, w))
 
     def encode(self, text):
         """(DIM,) unit feature of one string."""
@@ -521,13 +513,11 @@ def _write(folder, p, progress):
         _save_npy(meta / name / "cat_name_pt_feat.npy",
                   {c: {"open_clip_text_feat": teacher.class_feat(c)} for c in CATEGORIES})
     bar.close()
-    _save_json(meta / "split" / "train_all.json", train)
-    _save_json(meta / "split" / "train_no_lvis.json", train)
-    _save_json(meta / "split" / "ablation" / "train_shapenet_only.json",
-               [e for e in train if e["dataset"] == "ShapeNet"])
-    _save_json(meta / "split" / "lvis.json", lvis)
-    _save_npy(meta / "lvis_cat_name_pt_feat.npy",
-              np.concatenate([teacher.class_feat(c) for c in sorted(CATEGORIES)]))
+    shapenet = [e for e in train if e["dataset"] == "ShapeNet"]
+    for name, entries in [("train_all", train), ("train_no_lvis", train), ("ablation/train_shapenet_only", shapenet),
+                          ("lvis", lvis)]:
+        _save_json(meta / "split" / f"{name}.json", entries)
+    _save_npy(meta / "lvis_cat_name_pt_feat.npy", np.concatenate([teacher.class_feat(c) for c in sorted(CATEGORIES)]))
     _save_json(meta / "gpt4_filtering.json", flags)
     labels = np.arange(p["num_shapes"]) % n_cls
     _save_npy(meta / "point_feat_knn.npy", _knn([e["id"] for e in train], labels, np.stack(mean_views)))
@@ -617,8 +607,7 @@ def main(argv=None):
                     help="shapes per class in each of test, val and LVIS")
     ap.add_argument("--seed", type=COUNT, default=0)
     args = ap.parse_args(argv)
-    root = ensure_world(args.out, num_shapes=args.num_shapes, num_points=args.num_points,
-                        num_test_per_class=args.num_test_per_class, seed=args.seed)
+    root = ensure_world(args.out, **{k: v for k, v in vars(args).items() if k != "out"})
     print(root)
     return root
 
