@@ -22,7 +22,6 @@ import json
 import math
 import os
 import random
-import tempfile
 
 import numpy as np
 import torch
@@ -37,12 +36,13 @@ from training import BadInput
 # ---- files, read and written safely --------------------------------------------------------------------------
 
 def atomic_save(obj, path, save=torch.save):
-    """save(obj, file) to a temp file in the same folder, fsync, then rename over `path` (atomic on POSIX)."""
+    """save(obj, file) to a temp file in the same folder, fsync, then rename over `path` (atomic on POSIX). The
+    file gets the permissions of the umask, as any other file (mkstemp's would be private)."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1], dir=folder)
+    tmp = os.path.join(folder, f".tmp-{os.getpid()}-{os.path.basename(path)}")
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "wb") as f:
             save(obj, f)
             f.flush()
             os.fsync(f.fileno())

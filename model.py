@@ -274,7 +274,11 @@ class TAMM(nn.Module):
 
     def forward(self, points):
         f = self.encoder(points)                                                   # (B, dim)
-        image, text = self.adapters(f) if self.heads == "dual" else (self.proj(f),) * 2  # (B, 1280) each
+        # The heads run in fp32 even under autocast: they are < 1% of the FLOPs, and their outputs are what the
+        # class features are compared with (bf16 inference: README, Speed and memory).
+        with torch.autocast(points.device.type, enabled=False):
+            g = f.to(self.logit_scale.dtype)                                       # the parameters' dtype
+            image, text = self.adapters(g) if self.heads == "dual" else (self.proj(g),) * 2  # (B, 1280) each
         return {"backbone": f, "image": image, "text": text}
 
     def config(self):

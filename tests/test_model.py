@@ -100,3 +100,17 @@ def test_grouping_stays_fp32_under_autocast():
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         out = enc(pts)
     assert out.shape == (2, 128) and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("heads", ["dual", "openshape"])
+def test_heads_run_in_fp32_under_autocast(heads):
+    """bf16 inference rounds the encoder only: the heads see the encoder feature in fp32 and give the fp32
+    result of their own weights (the same as running them alone on that feature)."""
+    torch.manual_seed(0)
+    m = model.TAMM(model.CONFIGS["tiny"], clip_dim=64, heads=heads).eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = m(unit_cloud(2, 512))
+    assert out["backbone"].dtype == torch.bfloat16 and out["image"].dtype == out["text"].dtype == torch.float32
+    with torch.no_grad():
+        alone = m.adapters(out["backbone"].float()) if heads == "dual" else (m.proj(out["backbone"].float()),) * 2
+    assert torch.equal(alone[0], out["image"]) and torch.equal(alone[1], out["text"])

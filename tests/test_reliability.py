@@ -94,6 +94,21 @@ def test_kill_during_checkpoint_write_leaves_previous_latest_loadable(tmp_path):
     assert ckpt["step"] >= 1 and torch.all(ckpt["w"] == ckpt["step"])  # complete, and one consistent version
 
 
+def test_atomic_writes_follow_the_umask_and_leave_no_temp_file(tmp_path):
+    """Checkpoints and the release-format files we write (the synthetic world, CLIP features) are ordinary files:
+    readable by the group and others under the usual umask, not private as a mkstemp file would be."""
+    from checkpoint import atomic_save, save_npy
+    old = os.umask(0o022)
+    try:
+        atomic_save({"step": 1}, str(tmp_path / "latest.pt"))
+        save_npy(tmp_path / "shape.npy", {"xyz": np.zeros((4, 3))})
+    finally:
+        os.umask(old)
+    assert [(tmp_path / f).stat().st_mode & 0o777 for f in ("latest.pt", "shape.npy")] == [0o644, 0o644]
+    assert not glob.glob(str(tmp_path / ".tmp-*"))
+    assert np.load(tmp_path / "shape.npy", allow_pickle=True).item()["xyz"].shape == (4, 3)
+
+
 # ---- 3. distributed equivalence ----------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
