@@ -28,8 +28,8 @@ from tqdm import tqdm
 import data
 import evaluate
 import training as T
-from checkpoint import (KNN_GROUP_SIZE, endless_batches, find_resume, load_cia, make_eval_loader, make_train_loader, resume,
-                        save_latest)
+from checkpoint import (KNN_GROUP_SIZE, endless_batches, find_resume, load_cia, make_eval_loader, make_train_loader,
+                        resume, save_latest)
 from loss import contrastive_loss
 from model import CONFIGS, TAMM
 
@@ -129,7 +129,7 @@ def main(argv=None):
                                  path_prefix=args.path_prefix)
     knn = (data.find_file(root, data.KNN_FILE) or os.path.join(root, data.KNN_FILE[0])) if args.knn else None
     loader, sampler = make_train_loader(dataset, local_batch, env.rank, env.world_size, args.seed, args.workers,
-                                             knn=knn)
+                                        knn=knn)
     val = None if args.val == "none" else data.load_benchmarks(root, args.num_points, names=(args.val,),
                                                                path_prefix=args.path_prefix).get(args.val)
     if val is None and args.val != "none" and env.is_main:
