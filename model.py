@@ -274,8 +274,8 @@ class TAMM(nn.Module):
 
     def forward(self, points):
         f = self.encoder(points)                                                   # (B, dim)
-        # The heads run in fp32 even under autocast: they are < 1% of the FLOPs, and their outputs are what the
-        # class features are compared with (bf16 inference: README, Speed and memory).
+        # The heads run in fp32 even under autocast: they cost under 1% of the FLOPs, and their outputs are what
+        # the class features are compared with, so bf16 inference rounds only the encoder. See the README.
         with torch.autocast(points.device.type, enabled=False):
             g = f.to(self.logit_scale.dtype)                                       # the parameters' dtype
             image, text = self.adapters(g) if self.heads == "dual" else (self.proj(g),) * 2  # (B, 1280) each
