@@ -21,7 +21,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from loss import contrastive_loss  # noqa: E402
 from model import CONFIGS, TAMM  # noqa: E402
-from training import cleanup_distributed, param_groups, setup_distributed, sync_batchnorm  # noqa: E402
+from runtime import cleanup_distributed, setup_distributed, sync_batchnorm  # noqa: E402
+from training import param_groups  # noqa: E402
 
 GLOBAL_BATCH, NUM_POINTS, VIEWS, DIM = 8, 256, 4, 1280
 

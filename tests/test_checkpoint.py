@@ -7,16 +7,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import grouping
 import model
 from adapters import ClipImageAdapter, alignment_head
 from checkpoint import load_cia, load_pretrained
 from test_model import unit_cloud
 from tools.reference import release_ball_query, release_fps
-from training import BadInput
+from files import BadInput
 
 
-def release_checkpoint(cfg, heads="dual", seed=0):
-    """A checkpoint with the key layout of tamm-facts.md section 3, random values."""
+def release_checkpoint(cfg, head_type="dual", seed=0):
+    """A checkpoint in the released TAMM key layout (DDP `module.` keys of OpenShape ppat.py and TAMM
+    trainers/mlp.py), random values."""
     g = torch.Generator().manual_seed(seed)
     r = lambda *shape: torch.randn(*shape, generator=g) * 0.05
     sd = {"module.ppat.cls_token": r(cfg.dim)}
@@ -38,7 +40,7 @@ def release_checkpoint(cfg, heads="dual", seed=0):
                    p + "1.norm.weight": 1 + r(cfg.dim), p + "1.norm.bias": r(cfg.dim),
                    p + "1.fn.net.0.weight": r(cfg.mlp_dim, cfg.dim), p + "1.fn.net.0.bias": r(cfg.mlp_dim),
                    p + "1.fn.net.3.weight": r(cfg.dim, cfg.mlp_dim), p + "1.fn.net.3.bias": r(cfg.dim)})
-    if heads == "openshape":
+    if head_type == "openshape":
         sd["module.proj.weight"], sd["module.proj.bias"] = r(1280, cfg.dim), r(1280)
         return {"state_dict": sd}
     ckpt = {"state_dict": sd, "logit_scale": {"module.logit_scale": torch.tensor(math.log(20.0))},
@@ -62,9 +64,9 @@ def ref_forward(sd, cfg, pts):
     w = {k.removeprefix("module.ppat."): v for k, v in sd.items()}
     B = pts.shape[0]
     xyz = pts[..., :3]
-    centres = model.index_points(xyz, release_fps(xyz, cfg.num_patches))
+    centres = grouping.index_points(xyz, release_fps(xyz, cfg.num_patches))
     idx = release_ball_query(cfg.radius, cfg.k, xyz, centres)
-    x = torch.cat([model.index_points(xyz, idx) - centres.unsqueeze(2), model.index_points(pts, idx)], -1)
+    x = torch.cat([grouping.index_points(xyz, idx) - centres.unsqueeze(2), grouping.index_points(pts, idx)], -1)
     x = x.permute(0, 3, 2, 1)
     for i in range(3):
         x = F.conv2d(x, w[f"sa.mlp_convs.{i}.weight"], w[f"sa.mlp_convs.{i}.bias"])
@@ -99,7 +101,7 @@ def test_release_checkpoint_scaling4_loads_every_key(tmp_path):
     path = tmp_path / "tamm_pointbert_ensemble.pt"
     torch.save(ckpt, path)
     m = load_pretrained(path, scaling=4)
-    assert m.heads == "dual" and not m.training
+    assert m.head_type == "dual" and not m.training
     assert torch.equal(m.encoder.blocks[11].attn.qkv.weight, ckpt["state_dict"]["module.ppat.transformer.layers.11.0.fn.to_qkv.weight"])
     assert torch.equal(m.adapters.text[5].running_var, ckpt["text_alignment_adapter"]["module.classifier.5.running_var"])
     assert math.isclose(m.scale().item(), 20.0, rel_tol=1e-6)
@@ -120,13 +122,13 @@ def test_release_parity_tiny():
 
 def test_openshape_checkpoint_is_one_branch():
     cfg = model.CONFIGS["tiny"]
-    ckpt = release_checkpoint(cfg, heads="openshape", seed=2)
+    ckpt = release_checkpoint(cfg, head_type="openshape", seed=2)
     m = load_pretrained(ckpt, scaling="tiny")
     pts = unit_cloud(1, 512)
     with torch.no_grad():
         out = m(pts)
         f = ref_forward(ckpt["state_dict"], cfg, pts)
-    assert m.heads == "openshape" and torch.equal(out["image"], out["text"])
+    assert m.head_type == "openshape" and torch.equal(out["image"], out["text"])
     assert torch.allclose(out["text"], f @ ckpt["state_dict"]["module.proj.weight"].T + ckpt["state_dict"]["module.proj.bias"], atol=1e-5)
 
 

@@ -17,7 +17,7 @@ import torch
 import evaluate
 import train_stage1
 import train_stage2
-import training as T
+import cli
 from model import CONFIGS, TAMM
 from tools import bench, clip_features, download, synthetic
 
@@ -41,7 +41,7 @@ NUMBER_FLAGS = {  # entry point -> {flag: kind}
     "stage2": {"--epochs": "positive int", "--batch-size": "positive int", "--lr": "positive",
                "--warmup-epochs": "count", "--weight-decay": "nonnegative", "--num-points": "positive int",
                "--workers": "count", "--save-every": "positive int", "--eval-every": "positive int",
-               "--seed": "count", "--max-steps": "positive int", "--loss-chunk": "positive int",
+               "--seed": "count", "--max-steps": "positive int",
                "--max-nonfinite": "positive int", "--log-every": "positive int"},
     "evaluate": {"--alpha": "nonnegative", "--num-points": "positive int", "--batch-size": "positive int",
                  "--workers": "count", "--n-query": "positive int", "--trials": "positive int",
@@ -57,6 +57,13 @@ BASE = {"stage1": [], "stage2": ["--no-cia"], "evaluate": ["--ckpt", "{ckpt}"], 
         "bench": ["--quick"]}
 
 NO_GPU = not torch.cuda.is_available()
+LAUNCH = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def launched(world_size):
+    """The variables torchrun sets, as rank 0 of `world_size` sees them."""
+    return {"WORLD_SIZE": str(world_size), "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "localhost",
+            "MASTER_PORT": "29500"}
 TINY = ["--scaling", "tiny"]
 
 # (entry point, argv, what the line must name, environment); {name} are inputs written by the case (see `inputs`),
@@ -69,7 +76,12 @@ for entry in ("stage1", "stage2"):
         (entry, [*BASE[entry], "--device", "tpu"], "--device", {}),
         (entry, [*BASE[entry], "--device", "cuda:x"], "--device", {}),
         *([(entry, [*BASE[entry], "--device", "cuda"], "--device", {})] if NO_GPU else []),
-        (entry, [*BASE[entry], "--batch-size", "16"], "--batch-size", {"WORLD_SIZE": "3"}),
+        (entry, [*BASE[entry], "--batch-size", "16"], "--batch-size", launched(3)),
+        (entry, [*BASE[entry]], "WORLD_SIZE", {"WORLD_SIZE": "2"}),  # left over from another launch
+        (entry, [*BASE[entry]], "RANK", {"RANK": "1"}),
+        (entry, [*BASE[entry]], "WORLD_SIZE", {**launched(2), "WORLD_SIZE": "two"}),
+        (entry, [*BASE[entry]], "MASTER_PORT", {**launched(2), "MASTER_PORT": "http"}),
+        (entry, [*BASE[entry]], "RANK", {**launched(2), "RANK": "2"}),
         (entry, [*BASE[entry], "--data", "{file}"], "--data", {}),
         (entry, [*BASE[entry], "--data", "{missing}"], "--data", {}),
         (entry, [*BASE[entry], "--data", "{world}", "--split", "nope"], "--split", {}),
@@ -90,7 +102,7 @@ CASES += [
     ("stage2", ["--no-cia", "--heads", "triple"], "--heads", {}),
     ("stage2", ["--no-cia", "--sync-bn", "heads"], "--sync-bn", {}),
     ("stage2", ["--no-cia", "--val", "test"], "--val", {}),
-    ("stage2", ["--no-cia", "--batch-size", "3"], "--batch-size", {"WORLD_SIZE": "3"}),  # BatchNorm needs 2 a rank
+    ("stage2", ["--no-cia", "--batch-size", "3"], "--batch-size", launched(3)),  # BatchNorm needs 2 a rank
     ("stage2", ["--no-cia", "--batch-size", "1"], "--batch-size", {}),
     ("stage2", ["--cia", "{missing}"], "--cia", {}),
     ("stage2", ["--cia", "{dir}"], "--cia", {}),
@@ -111,6 +123,7 @@ CASES += [
     ("evaluate", ["--ckpt", "{ckpt}", "--device", "tpu"], "--device", {}),
     ("evaluate", ["--ckpt", "{ckpt}", "--device", "cuda:x"], "--device", {}),
     *([("evaluate", ["--ckpt", "{ckpt}", "--device", "cuda"], "--device", {})] if NO_GPU else []),
+    ("evaluate", ["--ckpt", "{ckpt}"], "WORLD_SIZE", {"WORLD_SIZE": "2"}),
     ("evaluate", ["--ckpt", "{ckpt}", "--benchmarks", "modelnet10"], "--benchmarks", {}),
     ("evaluate", ["--ckpt", "{ckpt}", "--tasks", "zero_shot"], "--tasks", {}),
     ("evaluate", ["--ckpt", "{ckpt}", "--point-order", "random"], "--point-order", {}),
@@ -240,11 +253,12 @@ def inputs(argv, tmp_path, tiny_world, tiny_ckpt):
                               for e, a, _, env in CASES])
 def test_bad_value_is_one_error_line_before_any_work(entry, argv, names, env, tiny_world, tiny_ckpt, tmp_path,
                                                      monkeypatch, capsys):
-    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+    for name in LAUNCH:
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    monkeypatch.setattr(T, "setup_distributed", refuse("distributed setup"))
+    for module in (train_stage1, train_stage2, evaluate):
+        monkeypatch.setattr(module, "setup_distributed", refuse("distributed setup"))
     monkeypatch.setattr(synthetic, "ensure_world", refuse("building the synthetic world"))
     monkeypatch.setattr(synthetic, "build_world", refuse("building the synthetic world"))
     monkeypatch.setattr(download, "download", refuse("the download"))
@@ -257,7 +271,7 @@ def test_bad_value_is_one_error_line_before_any_work(entry, argv, names, env, ti
     before, world_before = listing(tmp_path), listing(tiny_world)
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
-        T.run_cli(MAINS[entry], argv)
+        cli.run_cli(MAINS[entry], argv)
     err = capsys.readouterr().err
     lines = err.splitlines()
     assert exit_info.value.code == 2, err

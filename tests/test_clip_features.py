@@ -22,7 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from tools import clip_features as cf  # noqa: E402
-from training import BadInput  # noqa: E402
+from files import BadInput  # noqa: E402
 
 TINY = "tamm-test-tiny-clip"
 # Small enough to build in well under a second; the real vocabulary so the stock tokenizer fits.

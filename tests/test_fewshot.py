@@ -13,11 +13,12 @@ import pytest
 import torch
 
 import data
+import fewshot
 import evaluate
 from model import CONFIGS, TAMM
 from test_evaluate import write_modelnet
 from tools import pointclouds
-from training import run_cli
+from cli import run_cli
 
 N = 128                                  # stored points per shape (the tiny encoder groups 64 patches)
 SETTINGS = [(2, 2), (3, 1)]              # (way, shot); 10 folds each
@@ -148,16 +149,16 @@ def test_one_fold_is_the_probe_of_its_own_features(setup):
     """Fold 0 of 2way_2shot through few_shot_folds equals the probe fitted by hand on the same features."""
     folds, _, ckpt = setup
     from checkpoint import load_pretrained
-    from training import DistInfo
+    from runtime import DistInfo
     m = load_pretrained(ckpt).eval()
     args = type("Args", (), dict(seed=0, batch_size=64, precision="fp32", probe_feature="backbone",
-                                 probe_steps=evaluate.PROBE_STEPS, probe_l2=evaluate.PROBE_L2))()
+                                 probe_steps=fewshot.PROBE_STEPS, probe_l2=fewshot.PROBE_L2))()
     paths = pointclouds.fewshot_settings(folds)[2, 2][:1]
     got = evaluate.few_shot_folds(m, {(2, 2): paths}, args, DistInfo())["folds 2-way 2-shot"]
     train, train_y, test, test_y = pointclouds.read_fewshot_fold(paths[0], 2, 2, seed=0)
     with torch.no_grad():
         x = torch.nn.functional.normalize(m(torch.cat([train, test]))["backbone"].double(), dim=1)
-    expected = evaluate.linear_probe(x[:4], train_y, x[4:], test_y)
+    expected = fewshot.linear_probe(x[:4], train_y, x[4:], test_y)
     assert got["trials"] == 1 and got["mean"] == pytest.approx(expected, abs=1e-9) and got["std"] == 0
 
 
@@ -207,7 +208,7 @@ def test_bad_fold_folder_is_one_line_naming_the_file(setup, tmp_path, capsys, mo
 
     def no_work(*args, **kwargs):
         raise AssertionError("the run started before the bad fold was found")
-    monkeypatch.setattr(evaluate.T, "setup_distributed", no_work)
+    monkeypatch.setattr(evaluate, "setup_distributed", no_work)
     monkeypatch.setattr(evaluate, "load_pretrained", no_work)
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:

@@ -4,7 +4,7 @@ Index checks: Triton's CPU interpreter runs the kernels on CPU tensors, but TRIT
 kernels.py is imported, so they run in a subprocess (`TRITON_INTERPRET=1 python tests/test_kernels.py interpret`).
 CUDA path: the kernels are compiled for sm_90 (ptxas ships with triton) and their SASS is read for FMAs.
 
-Exactness of the ball query. model.square_distance takes c.p from torch.matmul. MKL's sgemm computes it as
+Exactness of the ball query. grouping.square_distance takes c.p from torch.matmul. MKL's sgemm computes it as
 fma(cz, pz, fma(cy, py, cx * px)) (checked value by value), the kernel does the same, so in the sgemm regime
 (>= 4 centres and S * N * 3 >= ~400) the squared distances, hence the indices, are bitwise equal: asserted,
 including radii put exactly on a reference distance where plain float32 arithmetic would differ. With fewer
@@ -63,8 +63,8 @@ def _duplicated(g, B, distinct, copies):
 def check_interpret():
     import torch
     sys.path.insert(0, str(ROOT))
+    import grouping
     import kernels
-    import model
     torch.set_num_threads(1)
     g = torch.Generator().manual_seed(0)
 
@@ -79,29 +79,29 @@ def check_interpret():
     far = far / far.norm(dim=-1, keepdim=True)
     fps_cases.append((torch.cat([torch.zeros(16, 1, 3), far, far[..., [1, 0, 2]], _cloud(g, 16, 61) / 2], 1), 8))
     for xyz, S in fps_cases:
-        assert torch.equal(kernels.farthest_point_sample(xyz, S), model.farthest_point_sample(xyz, S)), xyz.shape
+        assert torch.equal(kernels.farthest_point_sample(xyz, S), grouping.farthest_point_sample(xyz, S)), xyz.shape
     for xyz, S in fps_cases[1:3]:  # random start indices, as model.group draws them for --fps-random-start
         start = torch.randint(0, xyz.shape[1], (2,), generator=g)
-        assert torch.equal(kernels.farthest_point_sample(xyz, S, start), model.farthest_point_sample(xyz, S, start))
+        assert torch.equal(kernels.farthest_point_sample(xyz, S, start), grouping.farthest_point_sample(xyz, S, start))
     # model.group with backend="triton" is the CUDA path of PatchEmbed: the same centres and neighbours
     xyz = _cloud(g, 2, 1500)
     feats = torch.cat([xyz, torch.rand(2, 1500, 3, generator=g)], -1)
     for random_start in (False, True):
         torch.manual_seed(1)
-        ref = model.group(xyz, feats, 64, 0.2, 32, random_start, backend="torch")
+        ref = grouping.group(xyz, feats, 64, 0.2, 32, random_start, backend="torch")
         torch.manual_seed(1)
-        ours = model.group(xyz, feats, 64, 0.2, 32, random_start, backend="triton")
+        ours = grouping.group(xyz, feats, 64, 0.2, 32, random_start, backend="triton")
         assert all(torch.equal(a, b) for a, b in zip(ours, ref))
     print("fps ok")
 
     # ---- ball query
     def same(xyz, centres, radius, k):
-        ours, ref = kernels.ball_query(xyz, centres, radius, k), model.ball_query(xyz, centres, radius, k)
+        ours, ref = kernels.ball_query(xyz, centres, radius, k), grouping.ball_query(xyz, centres, radius, k)
         assert ours.dtype == torch.long and torch.equal(ours, ref), (xyz.shape, centres.shape, radius, k)
         return ref
 
     for xyz, S in fps_cases[:3]:
-        centres = model.index_points(xyz, model.farthest_point_sample(xyz, 32))
+        centres = grouping.index_points(xyz, grouping.farthest_point_sample(xyz, 32))
         same(xyz, centres, 0.2, 32)
         same(xyz, centres, 0.3, 64)
     xyz = _cloud(g, 2, 3000)  # several blocks of 1024: early stop (k small, r large) and full scans
@@ -123,7 +123,7 @@ def check_interpret():
     # radii exactly on a reference distance, picked where plain float32 arithmetic (no FMA) gives another value:
     # only the BLAS's arithmetic puts the boundary point on the right side of `<=`
     xyz, centres = _cloud(g, 1, 2000), _cloud(g, 1, 4)
-    dist = model.square_distance(centres, xyz)
+    dist = grouping.square_distance(centres, xyz)
     p, c = xyz[:, None], centres[:, :, None]
     plain = (c[..., 0] * p[..., 0] + c[..., 1] * p[..., 1]) + c[..., 2] * p[..., 2]
     plain = (plain * -2 + (centres ** 2).sum(-1)[..., None]) + (xyz ** 2).sum(-1)[:, None]
@@ -138,7 +138,7 @@ def check_interpret():
     # fewer than 4 centres: torch's matmul skips FMA there, so points a few ulps from the radius may differ
     xyz, radius = _cloud(g, 4, 2000), 0.2
     centres = xyz[:, :3]
-    ours, ref = kernels.ball_query(xyz, centres, radius, 64), model.ball_query(xyz, centres, radius, 64)
+    ours, ref = kernels.ball_query(xyz, centres, radius, 64), grouping.ball_query(xyz, centres, radius, 64)
     exact = ((centres[:, :, None].double() - xyz[:, None].double()) ** 2).sum(-1)
     near = ((exact - radius ** 2).abs() <= 1e-6).any(-1)  # (B, S) rows with a point near the boundary
     differ = (ours != ref).any(-1)
@@ -150,9 +150,9 @@ def check_interpret():
     for C in (3, 5):
         xyz = _cloud(g, 2, 500)
         feats = torch.rand(2, 500, C, generator=g)
-        centres = model.index_points(xyz, model.farthest_point_sample(xyz, 16))
-        nbr = model.ball_query(xyz, centres, 0.3, 32)
-        ref = torch.cat([model.index_points(xyz, nbr) - centres.unsqueeze(2), model.index_points(feats, nbr)], -1)
+        centres = grouping.index_points(xyz, grouping.farthest_point_sample(xyz, 16))
+        nbr = grouping.ball_query(xyz, centres, 0.3, 32)
+        ref = torch.cat([grouping.index_points(xyz, nbr) - centres.unsqueeze(2), grouping.index_points(feats, nbr)], -1)
         assert torch.equal(kernels.group(xyz, feats, centres, nbr), ref)
     print("group ok\nALL OK")
 

@@ -9,6 +9,7 @@ test_train.py's.)
 
     .venv/bin/python -m pytest -q tests/test_layouts.py
 """
+import files
 import json
 import os
 import shutil
@@ -45,9 +46,9 @@ def tamm_layout(world, root):
     # the synthetic world has no ScanObjectNN: write one where TAMM keeps it
     rng = np.random.default_rng(0)
     labels = np.repeat(np.arange(len(data.SCANOBJECTNN_CLASSES)), SCAN_PER_CLASS)
-    checkpoint.save_npy(os.path.join(meta, "Zero-Shot", "scanobjectnn", "xyz_label.npy"),
+    files.save_npy(os.path.join(meta, "Zero-Shot", "scanobjectnn", "xyz_label.npy"),
                   {"xyz": rng.standard_normal((len(labels), SCAN_POINTS, 3)).astype(np.float32), "label": labels})
-    checkpoint.save_npy(os.path.join(meta, "Zero-Shot", "scanobjectnn", "cat_name_pt_feat.npy"),
+    files.save_npy(os.path.join(meta, "Zero-Shot", "scanobjectnn", "cat_name_pt_feat.npy"),
                   {c: {"open_clip_text_feat": rng.standard_normal((1, data.CLIP_DIM)).astype(np.float32)}
                    for c in data.SCANOBJECTNN_CLASSES})
     return root

@@ -1,5 +1,5 @@
-"""contrastive_loss against the definition, loss.per_target_loss (the release's loop over the targets): values,
-gradients (anchors, targets, temperature), mask, chunks and cache blocks, DDP (2 gloo processes), bf16 autocast."""
+"""contrastive_loss against the definition, tools/reference.py's per_target_loss (the release's loop over the
+targets): values, gradients (anchors, targets, temperature), mask, DDP (2 gloo processes), bf16 autocast."""
 import contextlib
 import os
 import socket
@@ -9,8 +9,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-import loss
-from loss import contrastive_loss, per_target_loss
+from loss import contrastive_loss
+from tools.reference import per_target_loss
 
 
 def inputs(P=5, B=24, D=32, seed=0):
@@ -27,15 +27,11 @@ def text_mask(P=5, B=24):
     return mask
 
 
-@pytest.mark.parametrize("block", [None, 100])  # one cache block, or many (and a partial last one)
-@pytest.mark.parametrize("chunk", [None, 5, 24])
 @pytest.mark.parametrize("masked", [False, True])
-def test_values_and_gradients_match_the_loop(masked, chunk, block, monkeypatch):
-    if block:
-        monkeypatch.setattr(loss, "BLOCK", block)
+def test_values_and_gradients_match_the_loop(masked):
     a, t, log_scale = inputs()
     mask = text_mask() if masked else None
-    out = contrastive_loss(a, t, log_scale.exp(), mask, chunk_size=chunk)
+    out = contrastive_loss(a, t, log_scale.exp(), mask)
     ref, ref_acc = per_target_loss(a, t, log_scale.exp(), mask)
     assert torch.allclose(out.loss, ref, atol=1e-5)
     got = torch.autograd.grad(out.loss, [a, t, log_scale])
@@ -94,23 +90,9 @@ def test_no_host_synchronisation(monkeypatch):
     monkeypatch.setattr(torch, "autocast", lambda *args, **kw: contextlib.nullcontext())  # no autocast on meta
     a = torch.empty(5, 24, 32, device="meta", requires_grad=True)
     mask = torch.empty(5, 24, dtype=torch.bool, device="meta")
-    for chunk in (None, 5):
-        out = contrastive_loss(a, torch.empty(5, 24, 32, device="meta"), torch.empty((), device="meta"), mask, chunk)
-        (grad,) = torch.autograd.grad(out.loss, [a])
-        assert grad.shape == a.shape and out.count.shape == out.accuracy.shape == (5,)
-
-
-def test_chunks_hold_no_full_logits_and_backward_runs_once():
-    a, t, log_scale = inputs(P=3, B=16)
-    shapes = {None: set(), 4: set()}
-    for chunk, seen in shapes.items():
-        with torch.autograd.graph.saved_tensors_hooks(lambda x: seen.add(tuple(x.shape)) or x, lambda x: x):
-            out = contrastive_loss(a, t, log_scale.exp(), chunk_size=chunk)
-    assert (3, 16, 16) in shapes[None]  # the logits, kept for backward
-    assert (3, 16, 16) not in shapes[4] and (3, 4, 16) in shapes[4]  # one chunk's buffer, recomputed in backward
-    out.loss.backward(retain_graph=True)
-    with pytest.raises(RuntimeError, match="backward only once"):
-        out.loss.backward()
+    out = contrastive_loss(a, torch.empty(5, 24, 32, device="meta"), torch.empty((), device="meta"), mask)
+    (grad,) = torch.autograd.grad(out.loss, [a])
+    assert grad.shape == a.shape and out.count.shape == out.accuracy.shape == (5,)
 
 
 def _free_port():
@@ -119,7 +101,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _worker(rank, world, port, a, t, mask, chunk, out_dir):
+def _worker(rank, world, port, a, t, mask, out_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     gathers, real = [], dist.all_gather
@@ -128,10 +110,10 @@ def _worker(rank, world, port, a, t, mask, chunk, out_dir):
     la = a[:, rank * b:(rank + 1) * b].clone().requires_grad_()
     lt = t[:, rank * b:(rank + 1) * b].clone().requires_grad_()
     log_scale = torch.tensor(2.3, requires_grad=True)
-    out = contrastive_loss(la, lt, log_scale.exp(), mask[:, rank * b:(rank + 1) * b], chunk_size=chunk)
+    out = contrastive_loss(la, lt, log_scale.exp(), mask[:, rank * b:(rank + 1) * b])
     calls = [len(gathers)]
     with torch.no_grad():  # one target set instead of three: still one all_gather
-        contrastive_loss(la[:1], lt[:1], log_scale.exp(), mask[:1, rank * b:(rank + 1) * b], chunk_size=chunk)
+        contrastive_loss(la[:1], lt[:1], log_scale.exp(), mask[:1, rank * b:(rank + 1) * b])
     calls.append(len(gathers) - calls[0])
     out.loss.backward()
     # what DDP does with parameter gradients: average over ranks
@@ -143,12 +125,11 @@ def _worker(rank, world, port, a, t, mask, chunk, out_dir):
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("chunk", [None, 4])
-def test_two_processes_equal_one_process_on_the_concatenated_batch(chunk, tmp_path):
+def test_two_processes_equal_one_process_on_the_concatenated_batch(tmp_path):
     a, t, _ = inputs(P=3, B=12)
     a, t = a.detach(), t.detach()
     mask = torch.rand(3, 12, generator=torch.Generator().manual_seed(3)) > 0.25
-    mp.spawn(_worker, args=(2, _free_port(), a, t, mask, chunk, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, _free_port(), a, t, mask, str(tmp_path)), nprocs=2, join=True)
     results = [torch.load(tmp_path / f"{r}.pt") for r in range(2)]
     log_scale = torch.tensor(2.3, requires_grad=True)
     a1, t1 = a.clone().requires_grad_(), t.clone().requires_grad_()

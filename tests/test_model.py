@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+import grouping
 import model
 from tools.reference import release_ball_query, release_fps, release_index_points
 
@@ -40,16 +41,16 @@ def test_parameter_counts_match_table(scaling, millions):
 
 def test_fps_matches_reference_loop():
     xyz = unit_cloud(3, 2000, seed=1)[..., :3]
-    assert torch.equal(model.farthest_point_sample(xyz, 128), release_fps(xyz, 128))
+    assert torch.equal(grouping.farthest_point_sample(xyz, 128), release_fps(xyz, 128))
 
 
 def test_fps_starts_at_zero_and_random_start_is_opt_in():
     xyz = unit_cloud(4, 500, seed=2)[..., :3]
-    assert (model.farthest_point_sample(xyz, 8)[:, 0] == 0).all()
+    assert (grouping.farthest_point_sample(xyz, 8)[:, 0] == 0).all()
     start = torch.tensor([3, 499, 0, 7])
-    assert torch.equal(model.farthest_point_sample(xyz, 8, start)[:, 0], start)
+    assert torch.equal(grouping.farthest_point_sample(xyz, 8, start)[:, 0], start)
     torch.manual_seed(0)
-    centres, _ = model.group(xyz, xyz, 8, 0.3, 4, random_start=True, backend="torch")
+    centres, _ = grouping.group(xyz, xyz, 8, 0.3, 4, random_start=True, backend="torch")
     torch.manual_seed(0)
     drawn = torch.randint(0, 500, (4,))  # the same draw: the first centre of cloud b is its point drawn[b]
     assert (drawn != 0).any() and torch.equal(centres[:, 0], xyz[torch.arange(4), drawn])
@@ -58,15 +59,15 @@ def test_fps_starts_at_zero_and_random_start_is_opt_in():
 @pytest.mark.parametrize("radius,k,max_elements", [(0.2, 64, 2 ** 24), (0.35, 16, 5000), (0.05, 8, 2 ** 24)])
 def test_ball_query_matches_sort_reference(radius, k, max_elements):
     xyz = unit_cloud(2, 3000, seed=3)[..., :3]
-    centres = model.index_points(xyz, model.farthest_point_sample(xyz, 100))
-    ours = model.ball_query(xyz, centres, radius, k, max_elements=max_elements)
+    centres = grouping.index_points(xyz, grouping.farthest_point_sample(xyz, 100))
+    ours = grouping.ball_query(xyz, centres, radius, k, max_elements=max_elements)
     assert torch.equal(ours, release_ball_query(radius, k, xyz, centres))
 
 
 def test_reference_index_points_matches_gather():
     pts = torch.randn(2, 50, 6)
     idx = torch.randint(0, 50, (2, 7, 5))
-    assert torch.equal(release_index_points(pts, idx), model.index_points(pts, idx))
+    assert torch.equal(release_index_points(pts, idx), grouping.index_points(pts, idx))
 
 
 def test_ball_query_takes_first_k_by_index_not_nearest():
@@ -75,10 +76,10 @@ def test_ball_query_takes_first_k_by_index_not_nearest():
     far = torch.tensor([[0.09, 0.0, 0.0]]).repeat(10, 1)
     near = torch.tensor([[0.01, 0.0, 0.0]]).repeat(10, 1)
     xyz = torch.cat([far, near, torch.tensor([[5.0, 5.0, 5.0]])]).unsqueeze(0)
-    idx = model.ball_query(xyz, torch.zeros(1, 1, 3), radius=0.1, k=4)
+    idx = grouping.ball_query(xyz, torch.zeros(1, 1, 3), radius=0.1, k=4)
     assert idx.tolist() == [[[0, 1, 2, 3]]]
     # fewer hits than k: the free slots repeat the first hit
-    idx = model.ball_query(xyz, torch.tensor([[[0.0, 0.0, 0.0]]]), radius=0.1, k=25)
+    idx = grouping.ball_query(xyz, torch.tensor([[[0.0, 0.0, 0.0]]]), radius=0.1, k=25)
     assert idx[0, 0, :20].tolist() == list(range(20)) and idx[0, 0, 20:].tolist() == [0] * 5
 
 
@@ -107,7 +108,7 @@ def test_heads_run_in_fp32_under_autocast(heads):
     """bf16 inference rounds the encoder only: the heads see the encoder feature in fp32 and give the fp32
     result of their own weights (the same as running them alone on that feature)."""
     torch.manual_seed(0)
-    m = model.TAMM(model.CONFIGS["tiny"], clip_dim=64, heads=heads).eval()
+    m = model.TAMM(model.CONFIGS["tiny"], clip_dim=64, head_type=heads).eval()
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         out = m(unit_cloud(2, 512))
     assert out["backbone"].dtype == torch.bfloat16 and out["image"].dtype == out["text"].dtype == torch.float32

@@ -21,7 +21,7 @@ import train_stage1
 import train_stage2
 from conftest import TINY_TRAIN
 from test_data import break_shape
-from training import run_cli
+from cli import run_cli
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}  # same threads => same float sums
@@ -77,7 +77,7 @@ def test_sigkill_mid_epoch_then_resume_gives_bitwise_identical_weights(tiny_worl
 # ---- 2. atomic checkpoints ---------------------------------------------------------------------------------
 
 def test_kill_during_checkpoint_write_leaves_previous_latest_loadable(tmp_path):
-    writer = (f"import sys, torch; sys.path.insert(0, {REPO!r}); from checkpoint import atomic_save\n"
+    writer = (f"import sys, torch; sys.path.insert(0, {REPO!r}); from files import atomic_save\n"
               "for step in range(1, 1000):\n"
               f"    atomic_save({{'step': step, 'w': torch.full((40_000_000,), float(step))}}, {str(tmp_path / 'latest.pt')!r})\n")
     proc = subprocess.Popen([sys.executable, "-c", writer], env=ENV)
@@ -97,7 +97,7 @@ def test_kill_during_checkpoint_write_leaves_previous_latest_loadable(tmp_path):
 def test_atomic_writes_follow_the_umask_and_leave_no_temp_file(tmp_path):
     """Checkpoints and the release-format files we write (the synthetic world, CLIP features) are ordinary files:
     readable by the group and others under the usual umask, not private as a mkstemp file would be."""
-    from checkpoint import atomic_save, save_npy
+    from files import atomic_save, save_npy
     old = os.umask(0o022)
     try:
         atomic_save({"step": 1}, str(tmp_path / "latest.pt"))

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from tools import synthetic
 from adapters import ClipImageAdapter
-from training import BadInput
+from files import BadInput
 
 SMALL = dict(num_shapes=96, num_points=512, num_test_per_class=4)
 TINY = dict(num_shapes=12, num_points=64, num_test_per_class=1, progress=False)

@@ -41,22 +41,21 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import data
+import grouping
 import model
-from checkpoint import make_train_loader
-from loss import contrastive_loss, per_target_loss
+from cli import COUNT, POSITIVE_INT, Parser, existing_dir, output_file, run_cli
+from cli import device as device_flag
+from loss import contrastive_loss
 from tools import synthetic
-from tools.reference import baseline_encoder, release_ball_query, release_fps
-from training import POSITIVE_INT, COUNT, Parser, device as device_flag, existing_dir, output_file, run_cli
+from tools.reference import baseline_encoder, per_target_loss, release_ball_query, release_fps
 
 FULL = dict(ball=dict(B=16, S=384, N=10_000, k=64, radius=0.2), fps=dict(B=16, N=10_000, S=384),
-            loss=dict(P=5, D=1280, B=(256, 1024, 2048, 4096), mem_B=4096, chunk=1024),
             encoder=dict(scaling=4, B=8, N=10_000, repeats=3), eval=dict(scaling=4, B=8, N=10_000),
             launches=dict(scaling=4, B=2, N=10_000), cuda=dict(scaling=4, B=50, N=10_000), reader_batches=10)
 QUICK = dict(ball=dict(B=2, S=32, N=1000, k=16, radius=0.2), fps=dict(B=2, N=1000, S=32),
-             loss=dict(P=2, D=32, B=(32, 64), mem_B=128, chunk=32), encoder=dict(scaling="tiny", B=2, N=1024, repeats=3),
+             encoder=dict(scaling="tiny", B=2, N=1024, repeats=3),
              eval=dict(scaling="tiny", B=2, N=1024), launches=dict(scaling="tiny", B=2, N=512),
              cuda=dict(scaling="tiny", B=4, N=1024), reader_batches=3)
-LOGIT_SCALE = 14.28  # the temperature at initialisation (official config)
 
 
 # ---- measuring ------------------------------------------------------------------------------------------
@@ -174,33 +173,14 @@ def fmt_mb(mb):
 
 def ball_query_ops(c, device):
     xyz = cloud(c["B"], c["N"], device)[..., :3]
-    centres = model.index_points(xyz, model.farthest_point_sample(xyz, c["S"]))
+    centres = grouping.index_points(xyz, grouping.farthest_point_sample(xyz, c["S"]))
     return {"baseline": lambda: release_ball_query(c["radius"], c["k"], xyz, centres),
-            "ours": lambda: model.ball_query(xyz, centres, c["radius"], c["k"])}
+            "ours": lambda: grouping.ball_query(xyz, centres, c["radius"], c["k"])}
 
 
 def fps_ops(c, device):
     xyz = cloud(c["B"], c["N"], device)[..., :3]
-    return {"baseline": lambda: release_fps(xyz, c["S"]), "ours": lambda: model.farthest_point_sample(xyz, c["S"])}
-
-
-def loss_ops(c, device):
-    """fwd+bwd of both losses: targets are frozen CLIP features, anchors and the temperature train. With
-    c["chunk"], also ours with that chunk_size (train_stage2.py --loss-chunk) as "chunked"."""
-    g = torch.Generator().manual_seed(0)
-    anchors = torch.randn(c["P"], c["B"], c["D"], generator=g)
-    targets = (anchors + 2 * torch.randn(anchors.shape, generator=g)).to(device)
-    anchors = anchors.to(device).requires_grad_()
-    log_scale = torch.tensor(math.log(LOGIT_SCALE), device=device, requires_grad=True)
-
-    def run(loss_fn):
-        loss = loss_fn(anchors, targets, log_scale.exp())
-        return (loss.detach(), *torch.autograd.grad(loss, [anchors, log_scale]))
-    fns = {"baseline": lambda: run(lambda a, t, s: per_target_loss(a, t, s)[0]),
-           "ours": lambda: run(lambda a, t, s: contrastive_loss(a, t, s).loss)}
-    if c.get("chunk"):
-        fns["chunked"] = lambda: run(lambda a, t, s: contrastive_loss(a, t, s, chunk_size=c["chunk"]).loss)
-    return fns
+    return {"baseline": lambda: release_fps(xyz, c["S"]), "ours": lambda: grouping.farthest_point_sample(xyz, c["S"])}
 
 
 def train_step(enc, points):
@@ -220,11 +200,6 @@ def encoder_ops(c, device):
 
 def same_indices(outs):
     return torch.equal(outs["baseline"], outs["ours"])
-
-
-def same_loss(outs):
-    """Loss and gradients within 1e-5, absolute and relative to each tensor's scale."""
-    return all(torch.allclose(b, o, rtol=0, atol=1e-5) and close(o, b, 1e-5) for b, o in zip(outs["baseline"], outs["ours"]))
 
 
 def same_step(a, b, rel=1e-4, grad_rel=1e-3):
@@ -359,21 +334,6 @@ def bench_fps(S, device, args, rates):
                       same_indices(outs))]
 
 
-def bench_loss(S, device, args, rates):
-    """Time at every batch size of the sweep (never slower than the loop), peak memory at the largest."""
-    c, rows = S["loss"], []
-    for B in c["B"]:
-        outs, times, _ = compare(loss_ops, dict(c, B=B, chunk=None), device, args.repeats, 0)
-        rows.append(ratio_row(f"loss_time_B{B}", "loss fwd+bwd time vs the per-target loop",
-                              f"P={c['P']} B={B} D={c['D']}", ">= 1x (never slower)", times, fmt_s, 1, same_loss(outs)))
-    _, _, mem = compare(loss_ops, dict(c, B=c["mem_B"]), device, 0, args.mem_repeats)
-    bm, cm = statistics.median(mem["baseline"]), statistics.median(mem["chunked"])
-    rows.append(ratio_row("loss_memory", "loss peak memory", f"P={c['P']} B={c['mem_B']} D={c['D']}", ">= 1.7x lower",
-                          mem, fmt_mb, 1.7, chunked_mb=cm,
-                          note=f"with chunk_size={c['chunk']} (--loss-chunk): {cm:.0f} MB, {bm / cm:.2f}x lower"))
-    return rows
-
-
 def bench_encoder(S, device, args, rates):
     c = S["encoder"]
     outs, times, mem = compare(encoder_ops, c, device, min(args.repeats, c["repeats"]), min(args.mem_repeats, 1))
@@ -422,9 +382,9 @@ def bench_cuda(S, device, args, rates):
     def ours_step():
         with torch.autocast("cuda", dtype=torch.bfloat16):
             return train_step(ours, pts)
-    grouping = {"torch": lambda: model.group(xyz, pts, cfg.num_patches, cfg.radius, cfg.k, backend="torch"),
-                "triton": lambda: model.group(xyz, pts, cfg.num_patches, cfg.radius, cfg.k, backend="triton")}
-    outs, times = interleaved({"baseline": lambda: train_step(base, pts), "ours": ours_step, **grouping}, args.repeats, dev)
+    groupings = {"torch": lambda: grouping.group(xyz, pts, cfg.num_patches, cfg.radius, cfg.k, backend="torch"),
+                 "triton": lambda: grouping.group(xyz, pts, cfg.num_patches, cfg.radius, cfg.k, backend="triton")}
+    outs, times = interleaved({"baseline": lambda: train_step(base, pts), "ours": ours_step, **groupings}, args.repeats, dev)
     ot, share = statistics.median(times["ours"]), statistics.median(times["triton"]) / statistics.median(times["ours"])
     gt, gk, gr = median_ratio(times["torch"], times["triton"])
     agree = (outs["torch"][1] == outs["triton"][1]).float().mean().item()
@@ -441,7 +401,7 @@ def bench_data(S, device, args, rates):
     """Samples/s of the training reader (TrainTriplets + 4 workers) next to the encoder step it feeds."""
     c = S["encoder"]
     root = args.world or synthetic.ensure_world(progress=False)
-    loader, _ = make_train_loader(data.TrainTriplets(root, num_points=c["N"]), c["B"], workers=args.workers)
+    loader, _ = data.make_train_loader(data.TrainTriplets(root, num_points=c["N"]), c["B"], workers=args.workers)
     batches = iter(loader)
     next(batches)  # worker start-up is not reading
     t0, n = time.perf_counter(), sum(len(b["points"]) for _, b in zip(range(S["reader_batches"]), batches))
@@ -475,7 +435,7 @@ def print_table(rows):
             print(f"  note, {r['what']}: {r['note']}")
 
 
-ROWS = {"ball_query": bench_ball_query, "fps": bench_fps, "loss": bench_loss, "encoder": bench_encoder,
+ROWS = {"ball_query": bench_ball_query, "fps": bench_fps, "encoder": bench_encoder,
         "launches": bench_launches, "eval": bench_eval, "cuda": bench_cuda, "data": bench_data}
 
 

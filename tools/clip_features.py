@@ -48,11 +48,10 @@ from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
 from PIL import Image
 from tqdm import tqdm
 
-from checkpoint import save_npy
+from cli import Parser, device, existing_dir, existing_file, output_dir, output_file, parse_names, run_cli
+from files import BadInput, check_writable, save_npy
 from tools.download import hub_check
 from tools.pointclouds import read_point_cloud
-from training import (BadInput, Parser, check_writable, device, existing_dir, existing_file, output_dir, output_file,
-                      parse_names, run_cli)
 
 # The teacher of OpenShape and TAMM (OpenShape src/configs/train.yaml clip_embed_version): 1280-d features.
 DEFAULT_MODEL = "ViT-bigG-14"
@@ -83,7 +82,7 @@ PROMPT_TEMPLATES = [
 ]
 
 
-def _tag_weights(model_name, tag, cfg):
+def _tag_weights(model_name, tag, cfg, flag="--pretrained"):
     """Local weights file for an open_clip pretrained tag: the Hugging Face cache, else a download."""
     repo, filename = os.path.split(cfg["hf_hub"])
     filename = filename or HF_WEIGHTS_NAME
@@ -93,9 +92,9 @@ def _tag_weights(model_name, tag, cfg):
         cached = try_to_load_from_cache(repo, name)
         if isinstance(cached, str):
             return cached
-    hub_check(f"--pretrained {tag}", f"{model_name} weights are not in the Hugging Face cache: download "
-              f"{hf_constants.ENDPOINT}/{repo} on a machine with network and pass the weights file with --pretrained "
-              f"PATH, or set HF_HOME to a Hugging Face cache that holds it")
+    hub_check(f"{flag} {tag}", f"{model_name} weights are not in the Hugging Face cache: download "
+              f"{hf_constants.ENDPOINT}/{repo} on a machine with network and pass the weights file with "
+              f"{flag} PATH, or set HF_HOME to a Hugging Face cache that holds it")
     return open_clip.download_pretrained(cfg)
 
 
@@ -116,15 +115,17 @@ def check_clip(model_name, pretrained, flags=("--model", "--pretrained")):
     return cfg
 
 
-def load_clip(model_name=DEFAULT_MODEL, pretrained=DEFAULT_PRETRAINED, device="cpu"):
+def load_clip(model_name=DEFAULT_MODEL, pretrained=DEFAULT_PRETRAINED, device="cpu",
+              flags=("--model", "--pretrained")):
     """(model, tokenizer, preprocess) of a frozen open_clip model in eval mode on `device`.
 
     `pretrained`: an open_clip tag of `model_name`, a path to a weights file, or None/"none" for random
-    weights. Fails fast with BadInput when the weights cannot be had (no network, missing file)."""
-    cfg = check_clip(model_name, pretrained)
+    weights. Fails fast with BadInput when the weights cannot be had (no network, missing file); `flags`
+    are the names of the two flags in the messages."""
+    cfg = check_clip(model_name, pretrained, flags)
     weights = None if pretrained is None or os.fspath(pretrained).lower() == "none" else os.fspath(pretrained)
     if cfg:  # a tag: its file in the Hugging Face cache, downloaded if need be
-        weights = _tag_weights(model_name, pretrained, cfg)
+        weights = _tag_weights(model_name, pretrained, cfg, flags[1])
     # Build with random weights and load the file ourselves, so only loading errors become BadInput. The tag's
     # preprocessing is applied as open_clip does; its QuickGELU flag is forced, where open_clip only warns on a
     # mismatch that silently gives wrong features.

@@ -21,7 +21,8 @@ from urllib.parse import urlparse
 
 from tqdm import tqdm
 
-from training import BadInput, Parser, check_writable, output_dir, run_cli
+from cli import Parser, output_dir, run_cli
+from files import BadInput, check_writable
 
 HF_DATASET = "OpenShape/openshape-training-data"
 DOWNLOAD_PARTS = {"meta_data": "meta_data.zip", "shapenet": "ShapeNet.tar.gz", "objaverse": "Objaverse/*",

@@ -1,33 +1,55 @@
-"""Point-cloud files: your own clouds (.npy / .npz / .ply ASCII or binary / .xyz / .txt) and Point-BERT's
+"""Point-cloud files: your own clouds (.npy, .npz, .ply ASCII or binary, .xyz, .txt, .csv) and Point-BERT's
 ModelNet40 few-shot folds, prepared as TAMM's evaluation prepares shapes (first N points, y/z swap, unit sphere).
 
-Used by `python evaluate.py --pc FILE ... [--labels ...] [--dump-features OUT.npz]` and `--fewshot-folds DIR`.
+A library of evaluate.py (`--pc FILE_OR_FOLDER ...` and `--fewshot-folds DIR`), not a command.
 """
 import os
 import pickle
 import re
+import sys
 
 import numpy as np
 import torch
 
 import data
-from adapters import zero_shot_scores
-from training import BadInput, parse_names, precision_context
+from files import BadInput
 
-TOP_LABELS = 5  # labels printed per point-cloud file
-
+EXTENSIONS = (".npy", ".npz", ".ply", ".xyz", ".txt", ".csv")
 
 PLY_TYPES = {"char": "i1", "int8": "i1", "uchar": "u1", "uint8": "u1", "short": "i2", "int16": "i2",
              "ushort": "u2", "uint16": "u2", "int": "i4", "int32": "i4", "uint": "u4", "uint32": "u4",
              "float": "f4", "float32": "f4", "double": "f8", "float64": "f8"}
 PLY_FORMATS = {"ascii": None, "binary_little_endian": "<", "binary_big_endian": ">"}
 
+# column names a text file's header may use for the coordinates and the colours
+XYZ_NAMES = ("x", "y", "z")
+RGB_NAMES = (("r", "g", "b"), ("red", "green", "blue"))
+
+
+def expand_paths(paths):
+    """--pc values -> files: a file stays; a folder gives its point-cloud files, sorted by name."""
+    files = []
+    for path in paths:
+        if os.path.isdir(path):
+            found = sorted(f for f in os.listdir(path) if f.lower().endswith(EXTENSIONS))
+            if not found:
+                raise BadInput(f"{path}: a folder without point-cloud files "
+                               f"({', '.join(EXTENSIONS)})")
+            files += [os.path.join(path, f) for f in found]
+        else:
+            files.append(path)
+    return files
+
+
+# ---- PLY -------------------------------------------------------------------------------------------------
+
 
 def _parse_ply_header(path, lines):
-    """PLY header lines -> (format, [(element, count, [(property, type) or (property, "list", ...)])])."""
+    """PLY header lines -> (format, [(element, count, [(property, type) or (property, "list")])])."""
     if not lines or lines[0].strip() != "ply":
         raise BadInput(f"{path}: bad PLY header (the file does not start with 'ply')")
-    fmt, elements = None, []
+    fmt = None
+    elements = []
     for line in lines[1:]:
         words = line.split()
         if not words or words[0] in ("comment", "obj_info"):
@@ -43,12 +65,13 @@ def _parse_ply_header(path, lines):
         else:
             raise BadInput(f"{path}: bad PLY header line {line.strip()!r}")
     if fmt is None:
-        raise BadInput(f"{path}: bad PLY header (no 'format ascii|binary_little_endian|binary_big_endian 1.0')")
+        raise BadInput(f"{path}: bad PLY header (no 'format ascii|binary_little_endian|"
+                       f"binary_big_endian 1.0')")
     return fmt, elements
 
 
 def read_ply(path):
-    """(xyz (N, 3), rgb (N, 3) or None) of the `vertex` element; colours from red/green/blue (uchar or float)."""
+    """(xyz (N, 3), rgb (N, 3) or None) of the `vertex` element; colours from red/green/blue."""
     with open(path, "rb") as f:
         raw = f.read()
     end = raw.find(b"end_header")
@@ -59,24 +82,27 @@ def read_ply(path):
     names = [e[0] for e in elements]
     if "vertex" not in names:
         raise BadInput(f"{path}: bad PLY header (no 'element vertex')")
-    before, (_, count, props) = elements[:names.index("vertex")], elements[names.index("vertex")]
+    before = elements[: names.index("vertex")]
+    _, count, props = elements[names.index("vertex")]
     columns = [p[0] for p in props]
     if not {"x", "y", "z"} <= set(columns) or any(t == "list" for _, t in props):
         raise BadInput(f"{path}: bad PLY header (vertex needs float x, y, z properties and no lists)")
-    body = raw[newline + 1:]
+    body = raw[newline + 1 :]
     if fmt == "ascii":
-        rows = [ln for ln in body.decode("ascii", errors="replace").splitlines() if ln.strip()]
+        rows = [line for line in body.decode("ascii", errors="replace").splitlines() if line.strip()]
         start = sum(c for _, c, _ in before)
         try:
-            table = np.array([ln.split() for ln in rows[start:start + count]], dtype=np.float64)
+            table = np.array([line.split() for line in rows[start : start + count]], dtype=np.float64)
         except ValueError:
             raise BadInput(f"{path}: vertex lines are not {len(columns)} numbers each") from None
         if table.shape != (count, len(columns)):
-            raise BadInput(f"{path}: expected {count} vertex lines of {len(columns)} numbers, found {table.shape}")
+            raise BadInput(f"{path}: expected {count} vertex lines of {len(columns)} numbers, "
+                           f"found {table.shape}")
         values = {c: table[:, k] for k, c in enumerate(columns)}
     else:
         if any(t == "list" for _, _, ps in before for _, t in ps):
-            raise BadInput(f"{path}: binary PLY with list properties before the vertex element is not supported")
+            raise BadInput(f"{path}: binary PLY with list properties before the vertex element is not "
+                           f"supported")
         endian = PLY_FORMATS[fmt]
         offset = sum(c * np.dtype([(n, endian + t) for n, t in ps]).itemsize for _, c, ps in before)
         dtype = np.dtype([(n, endian + t) for n, t in props])
@@ -93,20 +119,63 @@ def read_ply(path):
     return xyz, rgb
 
 
+# ---- arrays and text -------------------------------------------------------------------------------------
+
+
 def _split_columns(path, arr):
     arr = np.asarray(arr)
     if arr.ndim != 2 or arr.shape[1] not in (3, 6) or not np.issubdtype(arr.dtype, np.number):
-        raise BadInput(f"{path}: expected a numeric N x 3 (xyz) or N x 6 (xyz rgb) array, found {arr.dtype} {arr.shape}")
+        raise BadInput(f"{path}: expected a numeric N x 3 (xyz) or N x 6 (xyz rgb) array, found "
+                       f"{arr.dtype} {arr.shape}")
     return arr[:, :3], arr[:, 3:] if arr.shape[1] == 6 else None
 
 
+def _numbers(line):
+    return re.split(r"[\s,;]+", line.strip())
+
+
+def read_text(path):
+    """.xyz/.txt/.csv: one point per line, numbers separated by spaces, tabs, commas or semicolons; '#'
+    starts a comment. A first line of names (such as `x y z` or `x,y,z,red,green,blue`) picks the columns
+    by name; without one, 3 columns are xyz and 6 are xyz rgb (a 6th column is colour, not a normal)."""
+    header = None
+    rows = []
+    with open(path, errors="replace") as f:
+        for n, line in enumerate(f, 1):
+            line = line.split("#", 1)[0].strip()
+            if not line:
+                continue
+            fields = _numbers(line)
+            try:
+                rows.append([float(v) for v in fields])
+            except ValueError:
+                if rows or header is not None:
+                    raise BadInput(f"{path}: line {n} is not numbers: {line[:60]!r}") from None
+                header = [name.lower() for name in fields]
+    if not rows or len({len(r) for r in rows}) != 1:
+        raise BadInput(f"{path}: expected the same number of columns on every line")
+    table = np.array(rows)
+    if header is None:
+        return _split_columns(path, table)
+    if len(header) != table.shape[1] or not set(XYZ_NAMES) <= set(header):
+        raise BadInput(f"{path}: the header {' '.join(header)!r} must name every column, x, y and z "
+                       f"among them")
+    xyz = table[:, [header.index(c) for c in XYZ_NAMES]]
+    for names in RGB_NAMES:
+        if set(names) <= set(header):
+            return xyz, table[:, [header.index(c) for c in names]]
+    return xyz, None
+
+
 def read_point_cloud(path):
-    """(xyz (N, 3), rgb (N, 3) in [0, 1]) float32 from .npy, .npz, .ply, .xyz or .txt; rgb 0.4 when absent.
+    """(xyz (N, 3), rgb (N, 3) in [0, 1]) float32 from .npy, .npz, .ply, .xyz, .txt or .csv; rgb 0.4 when
+    absent.
 
     .npy: N x 3 or N x 6 (no pickles). .npz: arrays `xyz` (+ optional `rgb`), else `points`, else the first
-    array, read as .npy. .xyz/.txt: whitespace-separated numbers, 3 or 6 columns ('#' starts a comment; a 6th
-    column is taken as colour, not normals). rgb above 1 is taken to be on 0-255 and divided by 255."""
+    array, read as .npy. Text: see read_text. rgb above 1 is taken to be on 0-255 and divided by 255."""
     ext = os.path.splitext(path)[1].lower()
+    if os.path.isdir(path):
+        raise BadInput(f"{path}: is a folder (pass it to --pc to read the point clouds inside)")
     if not os.path.isfile(path):
         raise BadInput(f"{path}: point-cloud file not found")
     try:
@@ -122,12 +191,13 @@ def read_point_cloud(path):
                     xyz, rgb = _split_columns(path, z["points" if "points" in z.files else z.files[0]])
                 else:
                     raise BadInput(f"{path}: the .npz holds no arrays")
-        elif ext in (".xyz", ".txt"):
-            xyz, rgb = _split_columns(path, np.loadtxt(path, ndmin=2, comments="#"))
+        elif ext in (".xyz", ".txt", ".csv"):
+            xyz, rgb = read_text(path)
         else:
-            raise BadInput(f"{path}: unknown point-cloud format {ext!r} (use .npy, .npz, .ply, .xyz or .txt)")
+            raise BadInput(f"{path}: unknown point-cloud format {ext!r} (use {', '.join(EXTENSIONS)})")
     except (ValueError, OSError, EOFError) as e:  # numpy's messages for damaged, pickled or ragged files
-        raise BadInput(f"{path}: cannot read ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+        raise BadInput(f"{path}: cannot read ({type(e).__name__}: "
+                       f"{str(e).splitlines()[0][:120]})") from None
     xyz = np.asarray(xyz, np.float64)
     if xyz.ndim != 2 or xyz.shape[1] != 3 or len(xyz) == 0:
         raise BadInput(f"{path}: xyz has shape {xyz.shape}, expected (N, 3) with N > 0")
@@ -154,96 +224,73 @@ def prepare_points(xyz, rgb, num_points, up="y"):
     return torch.from_numpy(np.concatenate([data.normalize(xyz), rgb[idx]], 1).astype(np.float32))
 
 
-# ---- Point-BERT's ModelNet40 few-shot folds (TAMM main_linear_probing.py, dataset/ModelNetDatasetFewShot.py) ----
+# ---- Point-BERT's ModelNet40 few-shot folds (TAMM main_linear_probing.py, dataset/ModelNetDatasetFewShot.py) --
 
-FOLDS, FOLD_QUERIES = 10, 20  # folds 0-9 per setting; 20 query shapes per class in each fold's test list
+FOLDS = 10          # folds 0-9 per setting
+FOLD_QUERIES = 20   # query shapes per class in each fold's test list
 
 
 def fewshot_settings(folder):
-    """{(way, shot): [fold 0..9 paths]} of DIR/{way}way_{shot}shot/{fold}.pkl; BadInput if a fold is missing."""
+    """{(way, shot): [fold 0..9 paths]} of DIR/{way}way_{shot}shot/{fold}.pkl; BadInput if a fold is
+    missing."""
     settings = {}
     for name in sorted(os.listdir(folder)):
-        if m := re.fullmatch(r"(\d+)way_(\d+)shot", name):
-            paths = [os.path.join(folder, name, f"{k}.pkl") for k in range(FOLDS)]
-            if missing := [p for p in paths if not os.path.isfile(p)]:
-                raise BadInput(f"{missing[0]}: fold missing ({len(missing)} of {FOLDS} folds of {name} not found)")
-            settings[int(m[1]), int(m[2])] = paths
+        match = re.fullmatch(r"(\d+)way_(\d+)shot", name)
+        if not match:
+            continue
+        paths = [os.path.join(folder, name, f"{k}.pkl") for k in range(FOLDS)]
+        missing = [p for p in paths if not os.path.isfile(p)]
+        if missing:
+            raise BadInput(f"{missing[0]}: fold missing ({len(missing)} of {FOLDS} folds of {name} "
+                           f"not found)")
+        settings[int(match[1]), int(match[2])] = paths
     if not settings:
-        raise BadInput(f"--fewshot-folds {folder}: no {{way}}way_{{shot}}shot/ folders (Point-BERT's ModelNetFewshot)")
+        raise BadInput(f"--fewshot-folds {folder}: no {{way}}way_{{shot}}shot/ folders (Point-BERT's "
+                       f"ModelNetFewshot)")
     return settings
 
 
 def read_fewshot_fold(path, way, shot, seed=0):
-    """One fold (a PICKLE: only open trusted files) -> (train (way*shot, N, 6), labels, test (way*20, N, 6), labels).
+    """One fold (a PICKLE: only open trusted files) -> (train (way*shot, N, 6), labels,
+    test (way*20, N, 6), labels).
 
-    The release's preprocessing: xyz only (the stored normals are dropped), y/z swapped, normalised, rgb = 0 (not
-    the 0.4 of colourless benchmark shapes), all stored points; the train subset's points shuffled, the test's not."""
+    The release's preprocessing: xyz only (the stored normals are dropped), y/z swapped, normalised, rgb 0
+    (not the 0.4 of colourless benchmark shapes), all stored points; the train subset's points are
+    shuffled, the test subset's are not."""
     try:
         with open(path, "rb") as f:
             fold = pickle.load(f)
     except Exception as e:  # unpickling a damaged or foreign file can raise almost anything
         raise BadInput(f"{path}: cannot read the fold ({type(e).__name__})") from None
-    out, rng = [], np.random.default_rng(seed)
+    out = []
+    rng = np.random.default_rng(seed)
     for subset, size in (("train", way * shot), ("test", way * FOLD_QUERIES)):
         items = fold.get(subset) if isinstance(fold, dict) else None
-        if not isinstance(items, list) or not all(isinstance(x, (tuple, list)) and len(x) == 3 for x in items):
-            raise BadInput(f"{path}: expected {{'train': [...], 'test': [...]}} of (points, label, class_id) tuples")
+        if not isinstance(items, list) or not all(isinstance(x, (tuple, list)) and len(x) == 3
+                                                  for x in items):
+            raise BadInput(f"{path}: expected {{'train': [...], 'test': [...]}} of "
+                           f"(points, label, class_id) tuples")
         if len(items) != size:
             raise BadInput(f"{path}: {len(items)} {subset} shapes, a {way}-way {shot}-shot fold has {size}")
         try:
-            clouds = [np.asarray(p, np.float32)[:, :3] for p, _, _ in items]
+            clouds = []
+            for points, _, _ in items:
+                xyz = np.asarray(points, np.float32)[:, :3]
+                if subset == "train":
+                    xyz = xyz[rng.permutation(len(xyz))]
+                xyz = data.normalize(xyz)
+                clouds.append(torch.from_numpy(np.concatenate([xyz, np.zeros_like(xyz)], 1)))
+            points = torch.stack(clouds)
             labels = torch.tensor([int(label) for _, label, _ in items])
-            points = torch.stack([torch.from_numpy(np.concatenate([data.normalize(
-                xyz[rng.permutation(len(xyz))] if subset == "train" else xyz), np.zeros_like(xyz)], 1)) for xyz in clouds])
         except (TypeError, ValueError, IndexError, RuntimeError) as e:
-            raise BadInput(f"{path}: {subset} points are not (N, 3+) arrays of one size ({type(e).__name__})") from None
+            raise BadInput(f"{path}: {subset} points are not (N, 3+) arrays of one size "
+                           f"({type(e).__name__})") from None
         if not (0 <= labels.min() and labels.max() < way):
             raise BadInput(f"{path}: {subset} labels outside 0..{way - 1}")
         out += [points.float(), labels]
     return tuple(out)
 
 
-def check_flags(args):
-    """evaluate.py's --pc flags, at parse time: the combinations, every file read, the labels, the CLIP choice."""
-    if args.pc and args.compare:
-        raise BadInput("--pc takes one --ckpt, not --compare")
-    if args.pc and not (args.labels is not None or args.dump_features):
-        raise BadInput("--pc needs --labels (zero-shot) and/or --dump-features OUT.npz")
-    if not args.pc and (args.labels is not None or args.dump_features):
-        raise BadInput(f"{'--labels' if args.labels is not None else '--dump-features'} needs --pc FILE ... "
-                       f"(the point clouds to classify or encode)")
-    args.clouds = [read_point_cloud(path) for path in args.pc or []]
-    args.labels = parse_names(args.labels, "--labels") if args.labels is not None else None
-    if args.labels:
-        from tools import clip_features
-        clip_features.check_clip(args.clip_model, args.clip_pretrained, ("--clip-model", "--clip-pretrained"))
-
-
-@torch.no_grad()
-def run_point_clouds(args, model, env, num_points):
-    """--pc: encode the files in order; classify against --labels and/or write --dump-features."""
-    points = torch.stack([prepare_points(xyz, rgb, num_points, args.up) for xyz, rgb in args.clouds])
-    cast, _ = precision_context(env.device, args.precision)
-    with cast:
-        outs = [model(points[i:i + args.batch_size].to(env.device)) for i in range(0, len(points), args.batch_size)]
-    feats = {k: torch.cat([o[k] for o in outs]).float().cpu() for k in ("backbone", "text", "image")}
-    predictions = {}
-    if args.labels:
-        from tools import clip_features
-        clip, tokenizer, _ = clip_features.load_clip(args.clip_model, args.clip_pretrained, str(env.device))
-        class_feat = torch.as_tensor(clip_features.encode_class_names(args.labels, clip, tokenizer, device=str(env.device)))
-        if class_feat.shape[1] != model.clip_dim:
-            raise BadInput(f"--clip-model {args.clip_model}: gives {class_feat.shape[1]}-d text features, the "
-                           f"checkpoint's heads output {model.clip_dim}-d (the teacher is ViT-bigG-14)")
-        text, _, fused = zero_shot_scores(feats["text"], feats["image"], class_feat, args.alpha)
-        top = (text if model.heads == "openshape" else fused).topk(min(TOP_LABELS, len(args.labels)), dim=1)
-        for path, vals, idx in zip(args.pc, top.values, top.indices):
-            predictions[path] = [(args.labels[int(i)], float(v)) for v, i in zip(vals, idx)]
-            if env.is_main:
-                print(f"{path}: " + " | ".join(f"{name} {v:.3f}" for name, v in predictions[path]))
-    if args.dump_features and env.is_main:
-        os.makedirs(os.path.dirname(os.path.abspath(args.dump_features)), exist_ok=True)  # checked, not made, at parse
-        with open(args.dump_features, "wb") as f:  # a file handle keeps the exact name (np.savez adds .npz)
-            np.savez(f, **{k: v.numpy() for k, v in feats.items()}, files=np.array(args.pc))
-        print(f"wrote features of {len(args.pc)} clouds to {args.dump_features}")
-    return {"predictions": predictions, "features": feats}
+if __name__ == "__main__":
+    sys.exit("tools/pointclouds.py is a library, not a command: evaluate.py --pc FILE_OR_FOLDER reads your "
+             "point clouds with it (python evaluate.py --help)")

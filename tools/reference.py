@@ -8,14 +8,17 @@ computes, written the way it computes it, so ours can be checked against it inde
   - `baseline_encoder(enc)`: a copy of our PointBert with the SAME weights whose attention computes
     softmax(Q K^T) V written out (OpenShape src/models/ppat.py) and whose patch embedding runs the release's
     grouping with Conv2d + BatchNorm2d on (B, C, k, S).
-The loss's reference is the definition itself: loss.per_target_loss, the release's loop over the targets.
+  - `clip_loss` and `per_target_loss`: open_clip's ClipLoss for one target set, and the release's loop that
+    sums it over the target sets (TAMM trainers/tamm_trainer.py), the reference of loss.contrastive_loss.
 """
 import copy
+import sys
 import types
 
 import torch
 import torch.nn.functional as F
 
+import grouping
 import model
 
 
@@ -41,7 +44,7 @@ def release_ball_query(radius, nsample, xyz, new_xyz):
     B, N, _ = xyz.shape
     S = new_xyz.shape[1]
     group_idx = torch.arange(N, dtype=torch.long, device=xyz.device).view(1, 1, N).repeat([B, S, 1])
-    sqrdists = model.square_distance(new_xyz, xyz)
+    sqrdists = grouping.square_distance(new_xyz, xyz)
     group_idx[sqrdists > radius ** 2] = N
     group_idx = group_idx.sort(dim=-1)[0][:, :, :nsample]
     group_first = group_idx[:, :, 0].view(B, S, 1).repeat([1, 1, nsample])
@@ -91,3 +94,34 @@ def baseline_encoder(enc):
         elif isinstance(m, model.PatchEmbed):
             m.forward = types.MethodType(release_patch_embed, m)
     return base
+
+
+def clip_loss(anchor, target, logit_scale):
+    """open_clip's ClipLoss for one target set: (B, D), (B, D) -> (loss, top-1 accuracy anchor -> target)."""
+    a = F.normalize(anchor, dim=-1)
+    t = F.normalize(target, dim=-1)
+    logits = logit_scale * a @ t.T                                # (B, B): shape i's target is column i
+    labels = torch.arange(len(logits), device=logits.device)
+    loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+    return loss, (logits.argmax(1) == labels).float().mean()
+
+
+def per_target_loss(anchors, targets, logit_scale, mask=None):
+    """The release: clip_loss per target set, summed, each over the shapes that have that target.
+    (P, B, D) features, mask (P, B) bool -> (loss, (P,) accuracy)."""
+    total = 0.0
+    accuracy = []
+    for p in range(len(anchors)):
+        keep = slice(None) if mask is None else mask[p]
+        if mask is not None and not keep.any():  # no shape has this target: it adds nothing
+            accuracy.append(anchors.new_zeros(()))
+            continue
+        loss, acc = clip_loss(anchors[p][keep], targets[p][keep], logit_scale)
+        total = total + loss
+        accuracy.append(acc)
+    return total, torch.stack(accuracy)
+
+
+if __name__ == "__main__":
+    sys.exit("tools/reference.py is a library of release-style references for the tests and tools/bench.py, "
+             "not a command (python -m tools.bench)")

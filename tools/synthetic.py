@@ -9,7 +9,7 @@ proportions, part counts, colours, overall scale and rotation about the up axis.
 part surfaces in proportion to area, rgb in [0, 1] per part; xyz is stored y-up like the release.
 
 The CLIP features are SIMULATED: no CLIP model runs here, the numbers mean nothing outside this world, and
-real benchmark numbers need the OpenShape release (`python data.py download`). The seeded teacher models the
+real benchmark numbers need the OpenShape release (`python -m tools.download`). The seeded teacher models the
 properties the method relies on:
   - Text encoder: a bag of words. Each category has a 1280-d unit direction (categories of one family, such
     as furniture or vessels, share a component), synonyms lie near it, colour and other words get their own
@@ -50,10 +50,11 @@ import zlib
 from pathlib import Path
 
 import numpy as np
+import torch.distributed
 from tqdm import tqdm
 
-from checkpoint import save_npy as _save_npy
-from training import POSITIVE_INT, BadInput, COUNT, Parser, output_dir, run_cli
+from cli import COUNT, POSITIVE_INT, Parser, output_dir, run_cli
+from files import BadInput, save_npy
 
 NUM_SHAPES = 300            # training shapes: few, so that no variant of the ablation saturates (README)
 NUM_POINTS = 2048           # stored per shape. The release stores 10,000; CPU demos train the tiny encoder on
@@ -457,7 +458,7 @@ def _write_shape(folder, teacher, rng, dataset, group, category, num_points):
              blip_caption=blip, msft_caption=msft,
              blip_caption_feat=teacher.text_feat(blip), msft_caption_feat=teacher.text_feat(msft),
              retrieval_text=retrieval, retrieval_text_feat=[teacher.text_feat(t) for t in retrieval])
-    _save_npy(folder / dataset / group / f"{uid}.npy", d)
+    save_npy(folder / dataset / group / f"{uid}.npy", d)
     return uid, flag, _unit(views[:NUM_VIEWS].mean(0))
 
 
@@ -508,19 +509,19 @@ def _write(folder, p, progress):
             clouds.append({"xyz": xyz, "rgb": rgb * np.float32(255)})  # the ModelNet40 file stores rgb 0-255
             split.append({"name": f"{prefix}{category}_{i % k + 1:04d}", "category": category})
             bar.update()
-        _save_npy(meta / name / "test_pc.npy", np.array(clouds, dtype=object))
+        save_npy(meta / name / "test_pc.npy", np.array(clouds, dtype=object))
         _save_json(meta / name / "test_split.json", split)
-        _save_npy(meta / name / "cat_name_pt_feat.npy",
+        save_npy(meta / name / "cat_name_pt_feat.npy",
                   {c: {"open_clip_text_feat": teacher.class_feat(c)} for c in CATEGORIES})
     bar.close()
     shapenet = [e for e in train if e["dataset"] == "ShapeNet"]
     for name, entries in [("train_all", train), ("train_no_lvis", train), ("ablation/train_shapenet_only", shapenet),
                           ("lvis", lvis)]:
         _save_json(meta / "split" / f"{name}.json", entries)
-    _save_npy(meta / "lvis_cat_name_pt_feat.npy", np.concatenate([teacher.class_feat(c) for c in sorted(CATEGORIES)]))
+    save_npy(meta / "lvis_cat_name_pt_feat.npy", np.concatenate([teacher.class_feat(c) for c in sorted(CATEGORIES)]))
     _save_json(meta / "gpt4_filtering.json", flags)
     labels = np.arange(p["num_shapes"]) % n_cls
-    _save_npy(meta / "point_feat_knn.npy", _knn([e["id"] for e in train], labels, np.stack(mean_views)))
+    save_npy(meta / "point_feat_knn.npy", _knn([e["id"] for e in train], labels, np.stack(mean_views)))
 
 
 def _knn(ids, labels, feats):
@@ -596,6 +597,33 @@ def ensure_world(root=None, **kw):
     if _is_complete(root, params):
         return root
     return build_world(root, **kw)
+
+
+def shared_world(local_rank=0, distributed=False):
+    """The default world of every entry point (no --data): built once per node by local rank 0 while the
+    other ranks wait (nodes need not share a file system), then found in its cache by everyone."""
+    if local_rank == 0:
+        ensure_world()
+    if distributed:
+        torch.distributed.barrier()
+    return ensure_world()
+
+
+def teacher_of(root):
+    """Which teacher made the CLIP features under a data root: {"name": "synthetic", "seed": s} for a
+    world of this file (its marker records the seed), {"name": "clip"} for real data. Checkpoints keep it,
+    so evaluate.py encodes your labels with the teacher the model was trained against."""
+    try:
+        params = json.loads((Path(root) / MARKER).read_text())
+    except (OSError, ValueError):
+        return {"name": "clip"}
+    return {"name": "synthetic", "seed": int(params.get("seed", 0))}
+
+
+def category_words():
+    """The words the simulated text encoder ties to a category (its names and synonyms, such as "couch");
+    any other word gets a random direction of its own, so a label without one means nothing here."""
+    return set(_WORD_CATEGORY)
 
 
 def main(argv=None):
