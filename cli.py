@@ -1,9 +1,9 @@
-"""The command line of every entry point: argparse types that check each value where it is parsed, named
-presets, and `run_cli`, which turns a user mistake into one line on stderr and exit code 2.
+"""The command line of every entry point: argparse types that check each value where it is parsed,
+named presets, and `run_cli`, which turns a user mistake into one line on stderr and exit code 2.
 
-A bad value is caught here, before a model is built or a shape is read: argparse calls the type of each flag
-(`number`, `existing_file`, `output_dir`, ...), and each script's `parse_args` checks what depends on several
-flags. Every flag's --help shows its default and its choices.
+A bad value is caught here, before a model is built or a shape is read: argparse calls the type of
+each flag (`number`, `existing_file`, `output_dir`, ...), and each script's `parse_args` checks what
+depends on several flags. Every flag's --help shows its default and its choices.
 """
 import argparse
 import math
@@ -17,9 +17,9 @@ from model import CONFIGS
 
 
 def one_line(error):
-    """The user's message of a BadInput. Raised inside a DataLoader worker, it reaches the main process
-    wrapped in the worker's traceback ("Caught BadInput in DataLoader worker ... Original Traceback"),
-    whose last line is "files.BadInput: <message>"."""
+    """The user's message of a BadInput. Raised inside a DataLoader worker, it reaches the main
+    process wrapped in the worker's traceback ("Caught BadInput in DataLoader worker ... Original
+    Traceback"), whose last line is "files.BadInput: <message>"."""
     text = str(error)
     if "Original Traceback" in text:
         last = text.rstrip().splitlines()[-1]
@@ -51,8 +51,8 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse whose errors are BadInput: one line and exit code 2 through run_cli (argparse would add its
-    usage text and exit on its own)."""
+    """argparse whose errors are BadInput: one line and exit code 2 through run_cli (argparse would
+    add its usage text and exit on its own)."""
 
     def __init__(self, description=None, **kw):
         super().__init__(description=description, formatter_class=HelpFormatter, **kw)
@@ -61,7 +61,7 @@ class Parser(argparse.ArgumentParser):
         raise BadInput(message)
 
 
-# ---- argument types: each returns the parsed value or raises argparse.ArgumentTypeError --------------------
+# ---- argument types: each returns the parsed value or raises argparse.ArgumentTypeError ----------
 
 
 def number(kind=float, low=None, high=None, above=False):
@@ -105,7 +105,8 @@ def device(text):
         raise argparse.ArgumentTypeError(f"{text} was requested but no CUDA device is available")
     count = torch.cuda.device_count()
     if text.startswith("cuda:") and int(text[5:]) >= count:
-        raise argparse.ArgumentTypeError(f"{text}: there are {count} CUDA devices, 0 to {count - 1}")
+        raise argparse.ArgumentTypeError(f"{text}: there are {count} CUDA devices, 0 to "
+                                         f"{count - 1}")
     return text
 
 
@@ -128,8 +129,8 @@ def existing_dir(text):
 
 
 def _check_nearest_folder(text, path):
-    """The nearest existing folder above `path` is a writable folder (probed; nothing is created, since a
-    later check may still fail: whoever writes makes the missing folders)."""
+    """The nearest existing folder above `path` is a writable folder (probed; nothing is created,
+    since a later check may still fail: whoever writes makes the missing folders)."""
     folder = os.path.abspath(path)
     while not os.path.exists(folder):
         folder = os.path.dirname(folder)
@@ -167,8 +168,8 @@ def scaling(text):
 
 
 def looks_like_path(text):
-    """A value meant as a file name rather than a list: a folder separator, or a file extension, and no
-    comma (so "table, chair" is a list and "labels.txt" or "my/labels" a file)."""
+    """A value meant as a file name rather than a list: a folder separator, or a file extension, and
+    no comma (so "table, chair" is a list and "labels.txt" or "my/labels" a file)."""
     return "," not in text and (os.sep in text or os.path.splitext(text)[1] != "")
 
 
@@ -190,15 +191,16 @@ def parse_names(value, flag):
 
 
 def check_points(num_points, size=None, flag="--num-points"):
-    """FPS picks S patch centres among the points: fewer points than patches cannot be grouped. Without a
-    `size` (a checkpoint's size is known once it is loaded) the bound is the smallest size's patches."""
+    """FPS picks S patch centres among the points: fewer points than patches cannot be grouped.
+    Without a `size` (a checkpoint's size is known once it is loaded) the bound is the smallest
+    size's patches."""
     patches = min(CONFIGS[s].num_patches for s in ([size] if size is not None else CONFIGS))
     if num_points is not None and num_points < patches:
         which = f"--scaling {size}" if size is not None else "the smallest encoder size"
         raise BadInput(f"{flag} {num_points}: fewer than the {patches} patches of {which}")
 
 
-# ---- presets: every value of a preset is a flag; --help shows each preset's value and its source ----------
+# ---- presets: every value of a preset is a flag; --help shows each preset's value and its source -
 
 
 def preset_parser(description, presets, flags):
@@ -229,12 +231,13 @@ def check_batch(batch_size, world_size, min_rows=1):
     """The global batch splits evenly over the processes torchrun starts, >= min_rows each."""
     if batch_size % world_size or batch_size // world_size < min_rows:
         why = " (BatchNorm needs 2)" if min_rows > 1 else ""
-        raise BadInput(f"--batch-size {batch_size} (global) must split into {world_size} equal parts "
-                       f"of >= {min_rows} shapes{why}")
+        raise BadInput(f"--batch-size {batch_size} (global) must split into {world_size} equal "
+                       f"parts of >= {min_rows} shapes{why}")
 
 
 def check_output(path, flag="--out"):
-    """output_dir's checks on a folder that did not come through argparse (a default such as runs/demo)."""
+    """output_dir's checks on a folder that did not come through argparse (a default such as
+    runs/demo)."""
     try:
         output_dir(path)
     except argparse.ArgumentTypeError as e:

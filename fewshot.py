@@ -1,11 +1,16 @@
-"""Few-shot linear probing on frozen features (paper section 4; OpenShape's and Point-BERT's protocols).
+"""Few-shot linear probing on frozen features (paper section 4; OpenShape's and Point-BERT's
+protocols).
 
-A probe is a multinomial logistic regression on frozen, L2-normalised features, fitted by LBFGS until it has
-converged, on the training shapes only: it never looks at the test shapes (the release reports the best
-test epoch of its linear layer instead). Two protocols draw their splits from one benchmark's shapes:
-  - `episodes` (Point-BERT's settings): N-way K-shot episodes, 20 query shapes per class, 10 episodes;
-  - `openshape` (OpenShape's figure): K shapes of every class for training, the rest for testing, 10 times.
-The third protocol, Point-BERT's released ModelNet40 folds, reads files: evaluate.py's few_shot_folds.
+A probe is a multinomial logistic regression on frozen, L2-normalised features, fitted by LBFGS
+until it has converged, on the training shapes only: it never looks at the test shapes (the release
+reports the best test epoch of its linear layer instead). Two protocols draw their splits from one
+benchmark's shapes:
+  - `episodes` (Point-BERT's settings): N-way K-shot episodes, 20 query shapes per class, 10
+    episodes;
+  - `openshape` (OpenShape's figure): K shapes of every class for training, the rest for testing, 10
+    times.
+The third protocol, Point-BERT's released ModelNet40 folds, reads files: evaluate.py's
+few_shot_folds.
 """
 import numpy as np
 import torch
@@ -21,8 +26,8 @@ PROBE_L2 = 1e-3                      # L2 weight that keeps separable problems w
 
 def probe_features(feats, choice, single_branch=False):
     """(M, F) L2-normalised features to probe (one L2 strength then suits all): the encoder output
-    ("backbone"), one head's output, or "both" heads concatenated (one copy for a single-branch model,
-    whose two outputs are equal)."""
+    ("backbone"), one head's output, or "both" heads concatenated (one copy for a single-branch
+    model, whose two outputs are equal)."""
     if choice == "backbone":
         return F.normalize(feats["backbone"].double(), dim=1)
     if choice in ("text", "image") or single_branch:
@@ -37,14 +42,14 @@ def class_pool(labels, need):
 
 
 def sample_episode(labels, n_way, k_shot, n_query, seed):
-    """One N-way K-shot episode: (support, query) index arrays, n_way * k_shot and n_way * n_query long,
-    grouped by class, disjoint, among the classes with >= k_shot + n_query shapes."""
+    """One N-way K-shot episode: (support, query) index arrays, n_way * k_shot and n_way * n_query
+    long, grouped by class, disjoint, among the classes with >= k_shot + n_query shapes."""
     labels = np.asarray(labels)
     rng = np.random.default_rng(seed)
     pool = class_pool(labels, k_shot + n_query)
     if len(pool) < n_way:
-        raise ValueError(f"{n_way}-way {k_shot}-shot needs {n_way} classes with >= {k_shot + n_query} "
-                         f"shapes, found {len(pool)}")
+        raise ValueError(f"{n_way}-way {k_shot}-shot needs {n_way} classes with >= "
+                         f"{k_shot + n_query} shapes, found {len(pool)}")
     picked = []
     for c in rng.choice(pool, n_way, replace=False):
         picked.append(rng.permutation(np.flatnonzero(labels == c))[: k_shot + n_query])
@@ -54,14 +59,16 @@ def sample_episode(labels, n_way, k_shot, n_query, seed):
 
 
 def openshape_split(labels, k_shot, seed):
-    """OpenShape's split: k_shot random shapes of every class with more than k_shot for training, the
-    rest for testing."""
+    """OpenShape's split: k_shot random shapes of every class with more than k_shot for training,
+    the rest for testing."""
     labels = np.asarray(labels)
     rng = np.random.default_rng(seed)
     picked = [rng.permutation(np.flatnonzero(labels == c)) for c in class_pool(labels, k_shot + 1)]
     if not picked:
         raise ValueError(f"{k_shot}-shot: no class has more than {k_shot} shapes")
-    return np.concatenate([p[:k_shot] for p in picked]), np.concatenate([p[k_shot:] for p in picked])
+    train = np.concatenate([p[:k_shot] for p in picked])
+    test = np.concatenate([p[k_shot:] for p in picked])
+    return train, test
 
 
 def linear_probe(train_x, train_y, test_x, test_y, steps=PROBE_STEPS, l2=PROBE_L2):
@@ -93,10 +100,10 @@ def summary(accuracies, **extra):
             "trials": len(accuracies), **extra}
 
 
-def few_shot(x, labels, episodes=EPISODES, n_query=N_QUERY, trials=TRIALS, shots=OPENSHAPE_SHOTS, seed=0,
-             steps=PROBE_STEPS, l2=PROBE_L2):
-    """The `episodes` and `openshape` protocols on features x (M, F) of one benchmark -> {setting: summary,
-    or {"skipped": why}}. Trial t uses seed + t."""
+def few_shot(x, labels, episodes=EPISODES, n_query=N_QUERY, trials=TRIALS, shots=OPENSHAPE_SHOTS,
+             seed=0, steps=PROBE_STEPS, l2=PROBE_L2):
+    """The `episodes` and `openshape` protocols on features x (M, F) of one benchmark -> {setting:
+    summary, or {"skipped": why}}. Trial t uses seed + t."""
     labels = np.asarray(labels)
     results = {}
     for setting in episodes:
@@ -104,13 +111,14 @@ def few_shot(x, labels, episodes=EPISODES, n_query=N_QUERY, trials=TRIALS, shots
         key = f"episodes {n_way}-way {k_shot}-shot"
         pool = class_pool(labels, k_shot + n_query)
         if len(pool) < n_way:
-            results[key] = {"skipped": f"needs {n_way} classes with >= {k_shot} + {n_query} shapes, "
-                                       f"{len(pool)} have that many"}
+            why = f"needs {n_way} classes with >= {k_shot} + {n_query} shapes, {len(pool)} have"
+            results[key] = {"skipped": why + " that many"}
             continue
         accuracies = []
         for t in range(trials):
             support, query = sample_episode(labels, n_way, k_shot, n_query, seed + t)
-            accuracies.append(linear_probe(x[support], labels[support], x[query], labels[query], steps, l2))
+            accuracy = linear_probe(x[support], labels[support], x[query], labels[query], steps, l2)
+            accuracies.append(accuracy)
         results[key] = summary(accuracies, classes_in_pool=len(pool))
     for k_shot in shots:
         key = f"openshape {k_shot}-shot"
@@ -121,6 +129,7 @@ def few_shot(x, labels, episodes=EPISODES, n_query=N_QUERY, trials=TRIALS, shots
         accuracies = []
         for t in range(trials):
             train, test = openshape_split(labels, k_shot, seed + t)
-            accuracies.append(linear_probe(x[train], labels[train], x[test], labels[test], steps, l2))
+            accuracy = linear_probe(x[train], labels[train], x[test], labels[test], steps, l2)
+            accuracies.append(accuracy)
         results[key] = summary(accuracies, classes_in_pool=len(pool))
     return results

@@ -1,14 +1,16 @@
-"""User errors, and files read and written safely: the leaf module the rest of the project builds on.
+"""User errors, and files read and written safely: the leaf module the rest of the project builds
+on.
 
-- `BadInput` is a problem with what the user gave us: a flag value, a missing or damaged file. The entry
-  points turn it into one line on stderr and exit code 2 (cli.run_cli), never into a traceback.
-- Every write is atomic: `atomic_save` writes a temp file in the same folder, fsyncs it and renames it over
-  the target, so a writer killed mid-write never leaves half a checkpoint behind.
-- Every read names its file: a missing, truncated or foreign file is one BadInput that says which file and
-  what is wrong with it.
+- `BadInput` is a problem with what the user gave us: a flag value, a missing or damaged file. The
+  entry points turn it into one line on stderr and exit code 2 (cli.run_cli), never into a
+  traceback.
+- Every write is atomic: `atomic_save` writes a temp file in the same folder, fsyncs it and renames
+  it over the target, so a writer killed mid-write never leaves half a checkpoint behind.
+- Every read names its file: a missing, truncated or foreign file is one BadInput that says which
+  file and what is wrong with it.
 
-The OpenShape release's .npy files are pickles: np.load(allow_pickle=True) can run code, so only read files
-from a source you trust (the official Hugging Face dataset). Checkpoints are read with
+The OpenShape release's .npy files are pickles: np.load(allow_pickle=True) can run code, so only
+read files from a source you trust (the official Hugging Face dataset). Checkpoints are read with
 torch.load(weights_only=True), which unpickles tensors and plain containers only.
 """
 import json
@@ -22,11 +24,12 @@ class BadInput(Exception):
     """A problem with what the user gave us. The message names the flag or file and the problem."""
 
 
-# ---- writing ----------------------------------------------------------------------------------------------
+# ---- writing -------------------------------------------------------------------------------------
 
 
 def atomic_save(obj, path, save=torch.save):
-    """save(obj, file) into a temp file beside `path`, fsync, then rename it over `path` (atomic on POSIX).
+    """save(obj, file) into a temp file beside `path`, fsync, then rename it over `path` (atomic on
+    POSIX).
 
     The file gets the permissions the umask gives any new file (a mkstemp file would be private)."""
     folder = os.path.dirname(os.path.abspath(path))
@@ -63,10 +66,11 @@ def check_writable(folder, what=None):
             pass
         os.remove(probe)
     except OSError as e:
-        raise BadInput(f"{what or folder}: output folder {folder} is not writable ({e.strerror})") from None
+        what = what or folder
+        raise BadInput(f"{what}: output folder {folder} is not writable ({e.strerror})") from None
 
 
-# ---- reading ----------------------------------------------------------------------------------------------
+# ---- reading -------------------------------------------------------------------------------------
 
 
 def load_json(path):
@@ -105,7 +109,8 @@ def load_npy(path, item=False):
 
 
 def file_kind(path):
-    """What a file looks like from its first bytes, for messages about a file given in the wrong place."""
+    """What a file looks like from its first bytes, for messages about a file given in the wrong
+    place."""
     with open(path, "rb") as f:
         head = f.read(64)
     if head.startswith(b"PK\x03\x04"):
@@ -126,8 +131,8 @@ def file_kind(path):
 
 
 def load_torch(path, what="checkpoint"):
-    """torch.load(weights_only=True) on the CPU; a missing, truncated or foreign file is BadInput naming it
-    and saying what the file is instead."""
+    """torch.load(weights_only=True) on the CPU; a missing, truncated or foreign file is BadInput
+    naming it and saying what the file is instead."""
     if not os.path.isfile(path):
         raise BadInput(f"{path}: {what} file not found")
     try:

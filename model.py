@@ -1,17 +1,19 @@
-"""The point encoder of TAMM and OpenShape ("PointBERT": a point-patch transformer), and the stage-2 model.
+"""The point encoder of TAMM and OpenShape ("PointBERT": a point-patch transformer), and the stage-2
+model.
 
 Paper section 3.3 uses OpenShape's PointBERT-style encoder (OpenShape src/models/ppat.py):
-  1. grouping (grouping.py): farthest point sampling picks S patch centres, a ball query takes the first k
-     points by index within radius r of each centre;
-  2. a shared PointNet (three 1x1 convs + BN + ReLU) embeds each neighbour's [xyz_j - centre, xyz_j, rgb_j]
-     and max-pools over the k neighbours of a patch;
-  3. the patch feature and its centre's xyz are lifted to `dim`, a CLS token is prepended, and a pre-norm
-     transformer runs (no positional embedding beyond the centre xyz); the CLS output is the shape feature f.
-`TAMM` puts the encoder, its two heads (adapters.py; or OpenShape's single projection) and the temperature into
-one nn.Module, so one DDP wrapper covers everything that trains in stage 2. Released weights load through
-checkpoint.py.
+  1. grouping (grouping.py): farthest point sampling picks S patch centres, a ball query takes the
+     first k points by index within radius r of each centre;
+  2. a shared PointNet (three 1x1 convs + BN + ReLU) embeds each neighbour's [xyz_j - centre, xyz_j,
+     rgb_j] and max-pools over the k neighbours of a patch;
+  3. the patch feature and its centre's xyz are lifted to `dim`, a CLS token is prepended, and a
+     pre-norm transformer runs (no positional embedding beyond the centre xyz); the CLS output is
+     the shape feature f.
+`TAMM` puts the encoder, its two heads (adapters.py; or OpenShape's single projection) and the
+temperature into one nn.Module, so one DDP wrapper covers everything that trains in stage 2.
+Released weights load through checkpoint.py.
 
-    python -c "import model; m = model.PointBert(model.CONFIGS[4]); print(sum(p.numel() for p in m.parameters()))"
+    python -c "import model; print(model.TAMM(model.CONFIGS['tiny']))"     # the modules, printed
 """
 from dataclasses import asdict, dataclass
 
@@ -38,28 +40,28 @@ class EncoderConfig:
     dim_head: int = 64      # channels per attention head
 
 
-# The six official sizes (OpenShape src/models/ppat.py `make`; scaling 4 is TAMM's and OpenShape's default)
-# and a `tiny` size for CPU demos and tests (1-2k points, a few minutes of training on 2 cores).
-# fmt: off
-CONFIGS = {
-    1: EncoderConfig(dim=256, depth=6, heads=4, mlp_dim=1024, sa_dim=96, num_patches=64, radius=0.4, k=256),
-    2: EncoderConfig(dim=512, depth=6, heads=8, mlp_dim=1024, sa_dim=128, num_patches=64, radius=0.4, k=256),
-    3: EncoderConfig(dim=512, depth=12, heads=8, mlp_dim=1024, sa_dim=128, num_patches=128, radius=0.35, k=128),
-    4: EncoderConfig(dim=512, depth=12, heads=8, mlp_dim=1536, sa_dim=256, num_patches=384, radius=0.2, k=64),
-    5: EncoderConfig(dim=768, depth=12, heads=12, mlp_dim=2304, sa_dim=256, num_patches=512, radius=0.2, k=64),
-    6: EncoderConfig(dim=768, depth=24, heads=12, mlp_dim=3072, sa_dim=256, num_patches=512, radius=0.2, k=64),
-    "tiny": EncoderConfig(dim=128, depth=2, heads=2, mlp_dim=256, sa_dim=64, num_patches=64, radius=0.3, k=32),
+# The six official sizes (OpenShape src/models/ppat.py `make`; scaling 4 is TAMM's and OpenShape's
+# default) and a `tiny` size for CPU demos and tests. Columns: EncoderConfig's first eight fields.
+CONFIGS = {  #           dim depth heads mlp_dim sa_dim patches radius    k
+    1: EncoderConfig(      256,   6,    4,   1024,    96,     64,   0.4, 256),
+    2: EncoderConfig(      512,   6,    8,   1024,   128,     64,   0.4, 256),
+    3: EncoderConfig(      512,  12,    8,   1024,   128,    128,  0.35, 128),
+    4: EncoderConfig(      512,  12,    8,   1536,   256,    384,   0.2,  64),
+    5: EncoderConfig(      768,  12,   12,   2304,   256,    512,   0.2,  64),
+    6: EncoderConfig(      768,  24,   12,   3072,   256,    512,   0.2,  64),
+    "tiny": EncoderConfig( 128,   2,    2,    256,    64,     64,   0.3,  32),
 }
-# fmt: on
 
 
 class PatchEmbed(nn.Module):
-    """FPS + ball query + shared PointNet: (B, N, 3), (B, N, C) -> centres (B, S, 3), features (B, S, sa_dim).
+    """FPS + ball query + shared PointNet: (B, N, 3), (B, N, C) -> centres (B, S, 3), features (B,
+    S, sa_dim).
 
-    The release's PointNet is three 1x1 Conv2d + BatchNorm2d on (B, C, k, S). A 1x1 conv is a Linear applied
-    to every grouped point, so we run Linear + BatchNorm1d on channels-last (B * S * k, C) rows: the same
-    function and statistics, several times faster on the CPU (one GEMM instead of a convolution over tiny
-    images). Loading release weights only reshapes the conv kernels (out, in, 1, 1) -> (out, in)."""
+    The release's PointNet is three 1x1 Conv2d + BatchNorm2d on (B, C, k, S). A 1x1 conv is a Linear
+    applied to every grouped point, so we run Linear + BatchNorm1d on channels-last (B * S * k, C)
+    rows: the same function and statistics, several times faster on the CPU (one GEMM instead of a
+    convolution over tiny images). Loading release weights only reshapes the conv kernels (out, in,
+    1, 1) -> (out, in)."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -69,11 +71,12 @@ class PatchEmbed(nn.Module):
         self.num_patches = cfg.num_patches
         self.radius = cfg.radius
         self.k = cfg.k
-        self.random_start = False  # the reference starts FPS at a random point; we start at 0 (README)
-        self.backend = "auto"      # grouping: Triton kernels on CUDA, PyTorch on the CPU (grouping.group)
+        self.random_start = False  # the reference starts FPS at a random point; we start at 0
+        self.backend = "auto"      # grouping.group: Triton kernels on CUDA, PyTorch on the CPU
 
     def forward(self, xyz, feats):
-        # Grouping is index bookkeeping on the fp32 input: autocast off, or its matmul would drop to bf16.
+        # Grouping is index bookkeeping on the fp32 input: autocast off, or its matmul would drop to
+        # bf16.
         with torch.autocast(xyz.device.type, enabled=False):
             random_start = self.random_start and self.training
             centres, x = group(xyz, feats, self.num_patches, self.radius, self.k,
@@ -81,7 +84,8 @@ class PatchEmbed(nn.Module):
         B, S, k, _ = x.shape
         x = x.view(B * S * k, -1)                                      # (B * S * k, 3 + C)
         for linear, norm in zip(self.convs, self.norms):
-            # in-place ReLU: BatchNorm's backward needs its input, not its output, so this saves a tensor
+            # in-place ReLU: BatchNorm's backward needs its input, not its output, so this saves a
+            # tensor
             x = F.relu(norm(linear(x)), inplace=True)                  # (B * S * k, width)
         return centres, x.view(B, S, k, -1).max(dim=2).values          # (B, S, 3), (B, S, sa_dim)
 
@@ -143,12 +147,12 @@ HEAD_TYPES = ("dual", "openshape")
 
 
 class TAMM(nn.Module):
-    """The stage-2 model: encoder f, two heads and one learnable temperature, in one nn.Module so that one
-    DDP wrapper covers everything that trains.
+    """The stage-2 model: encoder f, two heads and one learnable temperature, in one nn.Module so
+    that one DDP wrapper covers everything that trains.
 
     head_type "dual": TAMM's Dual Adapters (the IAA aligned with images, the TAA with text).
-    head_type "openshape": OpenShape's single Linear(dim -> 1280) projection aligned with both (the paper's
-    baseline); its two outputs are the same tensor."""
+    head_type "openshape": OpenShape's single Linear(dim -> 1280) projection aligned with both (the
+    paper's baseline); its two outputs are the same tensor."""
 
     def __init__(self, cfg, clip_dim=CLIP_DIM, head_type="dual", logit_scale_max=LOGIT_SCALE_MAX):
         super().__init__()
@@ -174,17 +178,19 @@ class TAMM(nn.Module):
 
     def forward(self, points):
         f = self.encoder(points)                                       # (B, dim)
-        # The heads run in fp32 even under autocast: they cost under 1% of the FLOPs, and their outputs are
-        # compared with the class features, so bf16 rounds only the encoder (README, evaluation precision).
+        # The heads run in fp32 even under autocast: they cost under 1% of the FLOPs, and their
+        # outputs are compared with the class features, so bf16 rounds only the encoder (README,
+        # evaluation precision).
         with torch.autocast(points.device.type, enabled=False):
             g = f.to(self.logit_scale.dtype)                           # the parameters' dtype
             if self.head_type == "dual":
-                image, text = self.adapters(g)                         # IAA(f), TAA(f): (B, 1280) each
+                image, text = self.adapters(g)                         # IAA(f), TAA(f): (B, 1280)
             else:
                 image = text = self.proj(g)                            # (B, 1280)
         return {"backbone": f, "image": image, "text": text}
 
     def config(self):
-        """Everything needed to rebuild this model from a checkpoint alone (checkpoint.build_from_config)."""
+        """Everything needed to rebuild this model from a checkpoint alone
+        (checkpoint.build_from_config)."""
         return {"encoder": asdict(self.cfg), "clip_dim": self.clip_dim, "head_type": self.head_type,
                 "logit_scale_max": self.logit_scale_max}

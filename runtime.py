@@ -1,13 +1,16 @@
 """Where a run runs: one process or torchrun, CPU or GPU, which number format, and on what code.
 
 - One path for every launch (nanoGPT's): without torchrun a script is rank 0 of 1; under torchrun
-  (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) it joins a process group, NCCL on CUDA and gloo on
-  the CPU. `launch_env` checks those variables where the arguments are parsed, so a stale or partial set is
-  one line and exit code 2, not a traceback from init_process_group.
-- SyncBatchNorm: torch's is CUDA-only; `sync_batchnorm` gives the CPU the same global-batch statistics.
-- Precision: `auto` is bf16 autocast on CUDA and on CPUs with native bf16 arithmetic (AVX-512 BF16 or AMX),
-  fp32 elsewhere. The entry point resolves it once (`resolve_precision`) and opens `torch.autocast` itself.
-- `provenance`: the code version and software a result came from, written beside every run and report.
+  (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) it joins a process group, NCCL on CUDA
+  and gloo on the CPU. `launch_env` checks those variables where the arguments are parsed, so a
+  stale or partial set is one line and exit code 2, not a traceback from init_process_group.
+- SyncBatchNorm: torch's is CUDA-only; `sync_batchnorm` gives the CPU the same global-batch
+  statistics.
+- Precision: `auto` is bf16 autocast on CUDA and on CPUs with native bf16 arithmetic (AVX-512 BF16
+  or AMX), fp32 elsewhere. The entry point resolves it once (`resolve_precision`) and opens
+  `torch.autocast` itself.
+- `provenance`: the code version and software a result came from, written beside every run and
+  report.
 """
 import os
 import platform
@@ -27,7 +30,7 @@ PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 
 
-# ---- launching -------------------------------------------------------------------------------------------
+# ---- launching -----------------------------------------------------------------------------------
 
 
 @dataclass
@@ -55,21 +58,23 @@ def _env_int(name, low=0, high=None):
 
 
 def launch_env():
-    """(rank, local_rank, world_size) from torchrun's variables, checked before any work: a variable left
-    over from another launch, or a partial set, is one line naming what is wrong and what is missing."""
+    """(rank, local_rank, world_size) from torchrun's variables, checked before any work: a variable
+    left over from another launch, or a partial set, is one line naming what is wrong and what is
+    missing."""
     env = os.environ
     world = _env_int("WORLD_SIZE", low=1) if "WORLD_SIZE" in env else 1
     if world == 1:
         for name in ("RANK", "LOCAL_RANK"):
             if name in env and _env_int(name) != 0:
-                raise BadInput(f"{name}={env[name]} is set but WORLD_SIZE is not (or is 1): launch with "
-                               f"torchrun, or unset {name}")
+                raise BadInput(f"{name}={env[name]} is set but WORLD_SIZE is not (or is 1): launch "
+                               f"with torchrun, or unset {name}")
         return 0, 0, 1
     missing = [n for n in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if n not in env]
     if missing:
-        raise BadInput(f"WORLD_SIZE={world} is set but {', '.join(missing)} "
-                       f"{'is' if len(missing) == 1 else 'are'} not: launch with torchrun, which sets "
-                       f"them all, or unset WORLD_SIZE to run one process")
+        verb = "is" if len(missing) == 1 else "are"
+        raise BadInput(f"WORLD_SIZE={world} is set but {', '.join(missing)} {verb} not: launch "
+                       f"with torchrun, which sets them all, or unset WORLD_SIZE to run one "
+                       f"process")
     rank = _env_int("RANK")
     if rank >= world:
         raise BadInput(f"RANK={rank} is not below WORLD_SIZE={world}")
@@ -79,9 +84,10 @@ def launch_env():
 
 def setup_distributed(device=None):
     """Join the process group when launched by torchrun, else rank 0 of 1. `device` ('cpu', 'cuda',
-    'cuda:N') overrides the default, CUDA when available (each process then takes GPU LOCAL_RANK)."""
+    'cuda:N') overrides the default, CUDA when available (each process then takes GPU
+    LOCAL_RANK)."""
     rank, local_rank, world = launch_env()
-    cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
+    cuda = device_type(device) == "cuda"
     if cuda:
         index = int(device[5:]) if device and device.startswith("cuda:") else local_rank
         if index >= torch.cuda.device_count():
@@ -90,13 +96,13 @@ def setup_distributed(device=None):
         torch.cuda.set_device(index)
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if cuda else "gloo"
-        if rank == 0 and "TORCHELASTIC_RUN_ID" not in os.environ:  # launched by hand, not by torchrun
-            print(f"waiting for the other {world - 1} processes at {os.environ['MASTER_ADDR']}:"
-                  f"{os.environ['MASTER_PORT']} (torch.distributed's timeout: 30 min)", file=sys.stderr)
+        where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
+        if rank == 0 and "TORCHELASTIC_RUN_ID" not in os.environ:  # launched by hand, not torchrun
+            print(f"waiting for the other {world - 1} processes at {where} (torch.distributed's "
+                  f"timeout: 30 min)", file=sys.stderr)
         try:
             dist.init_process_group(backend=backend)
-        except (RuntimeError, ValueError) as e:  # DistStoreError and friends derive from RuntimeError
-            where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
+        except (RuntimeError, ValueError) as e:  # DistStoreError and others are RuntimeErrors
             reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
             raise BadInput(f"the {world} processes did not meet at MASTER_ADDR:MASTER_PORT {where} "
                            f"({reason}); start all of them, e.g. with torchrun") from None
@@ -114,13 +120,13 @@ def barrier(env):
         dist.barrier()
 
 
-# ---- SyncBatchNorm on the CPU ----------------------------------------------------------------------------
+# ---- SyncBatchNorm on the CPU --------------------------------------------------------------------
 
 
 class CpuSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
-    """torch's SyncBatchNorm runs on CUDA only. This one all-reduces (sum, count), then the centred sum of
-    squares, both differentiable (torch.distributed.nn), so the statistics and the gradients equal one
-    process on the global batch."""
+    """torch's SyncBatchNorm runs on CUDA only. This one all-reduces (sum, count), then the centred
+    sum of squares, both differentiable (torch.distributed.nn), so the statistics and the gradients
+    equal one process on the global batch."""
 
     def _check_input_dim(self, x):
         if x.dim() < 2:
@@ -147,7 +153,8 @@ class CpuSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
 
 
 def sync_batchnorm(module, device):
-    """Make every BatchNorm in `module` use global-batch statistics under DDP (in place on the CPU)."""
+    """Make every BatchNorm in `module` use global-batch statistics under DDP (in place on the
+    CPU)."""
     if device.type == "cuda":
         return nn.SyncBatchNorm.convert_sync_batchnorm(module)
     for m in module.modules():
@@ -156,7 +163,7 @@ def sync_batchnorm(module, device):
     return module
 
 
-# ---- precision -------------------------------------------------------------------------------------------
+# ---- precision -----------------------------------------------------------------------------------
 
 
 def native_bf16():
@@ -168,8 +175,16 @@ def native_bf16():
         return False
 
 
+def device_type(device=None):
+    """The type of the --device a run asks for, "cuda" or "cpu" (default: CUDA when available)."""
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return "cuda" if device.startswith("cuda") else "cpu"
+
+
 def resolve_precision(choice, device_type, auto_on_cuda="bf16"):
-    """`auto` -> `auto_on_cuda` on CUDA; on the CPU bf16 where it is native, else fp32. Other choices stay."""
+    """`auto` -> `auto_on_cuda` on CUDA; on the CPU bf16 where it is native, else fp32. Other
+    choices stay."""
     if choice != "auto":
         return choice
     if device_type == "cuda":
@@ -177,11 +192,12 @@ def resolve_precision(choice, device_type, auto_on_cuda="bf16"):
     return "bf16" if native_bf16() else "fp32"
 
 
-# ---- provenance ------------------------------------------------------------------------------------------
+# ---- provenance ----------------------------------------------------------------------------------
 
 
 def code_version():
-    """The git commit of this checkout (with "+dirty" for uncommitted changes), or None outside git."""
+    """The git commit of this checkout (with "+dirty" for uncommitted changes), or None outside
+    git."""
     here = os.path.dirname(os.path.abspath(__file__))
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,

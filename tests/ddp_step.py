@@ -1,14 +1,16 @@
 """One stage-2 optimizer step, run alone (`python tests/ddp_step.py OUT`) or under
-`torchrun --nproc_per_node=2 tests/ddp_step.py OUT [all|encoder]`; test_reliability.py compares the two.
+`torchrun --nproc_per_node=2 tests/ddp_step.py OUT [all|encoder]`; test_reliability.py compares the
+two.
 
-Every process builds the same model (same seed) and the same global batch, takes its shard of it, and does
-exactly what train_stage2.py does: DDP + SyncBatchNorm (in the whole model, `all`, the default, or in the
-encoder only, `encoder`: train_stage2.py --sync-bn, the release's choice), fused loss over 4 image views + text
-(some shapes without text), backward, optimizer step. OUT/world{N}_{mode}.pt holds rank 0's results and the
-BatchNorm running statistics of every rank. Dropout is off so the two runs compute the same function, and the
-run is in float64: in float32 some gradients that are zero in exact arithmetic (biases before BatchNorm) or
-sums that nearly cancel differ at the 1e-3 level between *any* two reductions orders, even between one
-process with 1 and with 2 threads. The step is plain SGD for the same reason: Adam's first step is
+Every process builds the same model (same seed) and the same global batch, takes its shard of it,
+and does exactly what train_stage2.py does: DDP + SyncBatchNorm (in the whole model, `all`, the
+default, or in the encoder only, `encoder`: train_stage2.py --sync-bn, the release's choice), fused
+loss over 4 image views + text (some shapes without text), backward, optimizer step.
+OUT/world{N}_{mode}.pt holds rank 0's results and the BatchNorm running statistics of every rank.
+Dropout is off so the two runs compute the same function, and the run is in float64: in float32
+some gradients that are zero in exact arithmetic (biases before BatchNorm) or sums that nearly
+cancel differ at the 1e-3 level between *any* two reductions orders, even between one process with
+1 and with 2 threads. The step is plain SGD for the same reason: Adam's first step is
 lr * sign(g), which turns such noise into full-size weight differences.
 """
 import os
@@ -28,8 +30,9 @@ GLOBAL_BATCH, NUM_POINTS, VIEWS, DIM = 8, 256, 4, 1280
 
 
 def build():
-    """The model (seed 0, dropout off) and the global batch (points, image, text, has_text) every process starts
-    from; call with float64 as the default dtype (main does; the test rebuilds them to compute expectations)."""
+    """The model (seed 0, dropout off) and the global batch (points, image, text, has_text) every
+    process starts from; call with float64 as the default dtype (main does; the test rebuilds them
+    to compute expectations)."""
     torch.manual_seed(0)
     model = TAMM(CONFIGS["tiny"])
     for m in model.modules():
@@ -55,7 +58,8 @@ def main(out_dir, sync_bn="all"):
     b = GLOBAL_BATCH // env.world_size
     mine = slice(env.rank * b, (env.rank + 1) * b)
 
-    if env.distributed:  # as train_stage2.py: global statistics in the encoder, and in the heads unless "encoder"
+    # as train_stage2.py: global statistics in the encoder, and in the heads unless "encoder"
+    if env.distributed:
         sync_batchnorm(model if sync_bn == "all" else model.encoder, env.device)
     train_model = DDP(model) if env.distributed else model
     optimizer = torch.optim.SGD(param_groups(model, 0.01), lr=0.1)
@@ -69,7 +73,8 @@ def main(out_dir, sync_bn="all"):
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     optimizer.step()
     statistics = [batchnorm_statistics(model)]
-    if env.distributed:  # every rank's: with per-GPU BatchNorm in the heads they differ between ranks
+    # every rank's: with per-GPU BatchNorm in the heads they differ between ranks
+    if env.distributed:
         statistics = [None] * env.world_size
         dist.all_gather_object(statistics, batchnorm_statistics(model))
     if env.is_main:

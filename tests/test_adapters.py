@@ -1,4 +1,5 @@
-"""CLIP Image Adapter and Dual Adapters: residual behaviour, sizes, key layout, the zero-shot score."""
+"""CLIP Image Adapter and Dual Adapters: residual behaviour, sizes, key layout, the zero-shot
+score."""
 import torch
 import torch.nn.functional as F
 
@@ -38,7 +39,10 @@ def test_zero_shot_score_is_text_plus_half_image_cosine():
     torch.manual_seed(1)
     t, i, c = torch.randn(5, 16), torch.randn(5, 16), torch.randn(3, 16)
     text, image, fused = zero_shot_scores(t, i, c)
-    cos = lambda a: F.cosine_similarity(a[:, None], c[None], dim=-1)
+
+    def cos(a):
+        return F.cosine_similarity(a[:, None], c[None], dim=-1)
+
     assert torch.allclose(text, cos(t), atol=1e-6) and torch.allclose(image, cos(i), atol=1e-6)
     assert torch.allclose(fused, cos(t) + 0.5 * cos(i), atol=1e-6)
     assert torch.allclose(zero_shot_scores(t, i, c, alpha=0.0)[2], text)

@@ -1,6 +1,7 @@
-"""checkpoint.py: the released TAMM and OpenShape layouts load key for key and compute what the release computes
-(minGPT-style parity against the release's forward written over its own key names), our checkpoints rebuild,
-bad files name themselves, and the CIA loads from either layout."""
+"""checkpoint.py: the released TAMM and OpenShape layouts load key for key and compute what the
+release computes (minGPT-style parity against the release's forward written over its own key
+names), our checkpoints rebuild, bad files name themselves, and the CIA loads from either
+layout."""
 import math
 
 import pytest
@@ -11,16 +12,19 @@ import grouping
 import model
 from adapters import ClipImageAdapter, alignment_head
 from checkpoint import load_cia, load_pretrained
+from files import BadInput
 from test_model import unit_cloud
 from tools.reference import release_ball_query, release_fps
-from files import BadInput
 
 
 def release_checkpoint(cfg, head_type="dual", seed=0):
-    """A checkpoint in the released TAMM key layout (DDP `module.` keys of OpenShape ppat.py and TAMM
-    trainers/mlp.py), random values."""
+    """A checkpoint in the released TAMM key layout (DDP `module.` keys of OpenShape ppat.py and
+    TAMM trainers/mlp.py), random values."""
     g = torch.Generator().manual_seed(seed)
-    r = lambda *shape: torch.randn(*shape, generator=g) * 0.05
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g) * 0.05
+
     sd = {"module.ppat.cls_token": r(cfg.dim)}
     widths = [3 + cfg.in_dim, 64, 64, cfg.sa_dim]
     for i in range(3):
@@ -36,10 +40,13 @@ def release_checkpoint(cfg, head_type="dual", seed=0):
         p = f"module.ppat.transformer.layers.{i}."
         sd.update({p + "0.norm.weight": 1 + r(cfg.dim), p + "0.norm.bias": r(cfg.dim),
                    p + "0.fn.to_qkv.weight": r(3 * inner, cfg.dim),
-                   p + "0.fn.to_out.0.weight": r(cfg.dim, inner), p + "0.fn.to_out.0.bias": r(cfg.dim),
+                   p + "0.fn.to_out.0.weight": r(cfg.dim, inner),
+                   p + "0.fn.to_out.0.bias": r(cfg.dim),
                    p + "1.norm.weight": 1 + r(cfg.dim), p + "1.norm.bias": r(cfg.dim),
-                   p + "1.fn.net.0.weight": r(cfg.mlp_dim, cfg.dim), p + "1.fn.net.0.bias": r(cfg.mlp_dim),
-                   p + "1.fn.net.3.weight": r(cfg.dim, cfg.mlp_dim), p + "1.fn.net.3.bias": r(cfg.dim)})
+                   p + "1.fn.net.0.weight": r(cfg.mlp_dim, cfg.dim),
+                   p + "1.fn.net.0.bias": r(cfg.mlp_dim),
+                   p + "1.fn.net.3.weight": r(cfg.dim, cfg.mlp_dim),
+                   p + "1.fn.net.3.bias": r(cfg.dim)})
     if head_type == "openshape":
         sd["module.proj.weight"], sd["module.proj.bias"] = r(1280, cfg.dim), r(1280)
         return {"state_dict": sd}
@@ -66,12 +73,14 @@ def ref_forward(sd, cfg, pts):
     xyz = pts[..., :3]
     centres = grouping.index_points(xyz, release_fps(xyz, cfg.num_patches))
     idx = release_ball_query(cfg.radius, cfg.k, xyz, centres)
-    x = torch.cat([grouping.index_points(xyz, idx) - centres.unsqueeze(2), grouping.index_points(pts, idx)], -1)
+    x = torch.cat([grouping.index_points(xyz, idx) - centres.unsqueeze(2),
+                   grouping.index_points(pts, idx)], -1)
     x = x.permute(0, 3, 2, 1)
     for i in range(3):
         x = F.conv2d(x, w[f"sa.mlp_convs.{i}.weight"], w[f"sa.mlp_convs.{i}.bias"])
         bn = f"sa.mlp_bns.{i}."
-        x = F.relu(F.batch_norm(x, w[bn + "running_mean"], w[bn + "running_var"], w[bn + "weight"], w[bn + "bias"]))
+        x = F.relu(F.batch_norm(x, w[bn + "running_mean"], w[bn + "running_var"], w[bn + "weight"],
+                                w[bn + "bias"]))
     x = torch.max(x, 2)[0]
     x = F.conv1d(torch.cat([centres.permute(0, 2, 1), x], 1), w["lift.0.weight"], w["lift.0.bias"])
     x = F.layer_norm(x.permute(0, 2, 1), (cfg.dim,), w["lift.2.weight"], w["lift.2.bias"])
@@ -79,9 +88,11 @@ def ref_forward(sd, cfg, pts):
     for i in range(cfg.depth):
         p = f"transformer.layers.{i}."
         h = F.layer_norm(x, (cfg.dim,), w[p + "0.norm.weight"], w[p + "0.norm.bias"])
-        q, k, v = (t.view(B, -1, cfg.heads, 64).transpose(1, 2) for t in (h @ w[p + "0.fn.to_qkv.weight"].T).chunk(3, -1))
+        q, k, v = (t.view(B, -1, cfg.heads, 64).transpose(1, 2)
+                   for t in (h @ w[p + "0.fn.to_qkv.weight"].T).chunk(3, -1))
         attn = torch.softmax(q @ k.transpose(-1, -2) * 64 ** -0.5, -1) @ v
-        x = x + attn.transpose(1, 2).reshape(B, -1, cfg.heads * 64) @ w[p + "0.fn.to_out.0.weight"].T + w[p + "0.fn.to_out.0.bias"]
+        x = (x + attn.transpose(1, 2).reshape(B, -1, cfg.heads * 64)
+             @ w[p + "0.fn.to_out.0.weight"].T + w[p + "0.fn.to_out.0.bias"])
         h = F.layer_norm(x, (cfg.dim,), w[p + "1.norm.weight"], w[p + "1.norm.bias"])
         h = F.gelu(h @ w[p + "1.fn.net.0.weight"].T + w[p + "1.fn.net.0.bias"])
         x = x + h @ w[p + "1.fn.net.3.weight"].T + w[p + "1.fn.net.3.bias"]
@@ -92,7 +103,8 @@ def ref_head(head, f):
     h = {k.removeprefix("module.classifier."): v for k, v in head.items()}
     for lin, bn in (("0", "1"), ("4", "5")):
         f = f @ h[lin + ".weight"].T + h[lin + ".bias"]
-        f = F.gelu(F.batch_norm(f, h[bn + ".running_mean"], h[bn + ".running_var"], h[bn + ".weight"], h[bn + ".bias"]))
+        f = F.gelu(F.batch_norm(f, h[bn + ".running_mean"], h[bn + ".running_var"],
+                                h[bn + ".weight"], h[bn + ".bias"]))
     return f
 
 
@@ -102,8 +114,10 @@ def test_release_checkpoint_scaling4_loads_every_key(tmp_path):
     torch.save(ckpt, path)
     m = load_pretrained(path, scaling=4)
     assert m.head_type == "dual" and not m.training
-    assert torch.equal(m.encoder.blocks[11].attn.qkv.weight, ckpt["state_dict"]["module.ppat.transformer.layers.11.0.fn.to_qkv.weight"])
-    assert torch.equal(m.adapters.text[5].running_var, ckpt["text_alignment_adapter"]["module.classifier.5.running_var"])
+    assert torch.equal(m.encoder.blocks[11].attn.qkv.weight,
+                       ckpt["state_dict"]["module.ppat.transformer.layers.11.0.fn.to_qkv.weight"])
+    assert torch.equal(m.adapters.text[5].running_var,
+                       ckpt["text_alignment_adapter"]["module.classifier.5.running_var"])
     assert math.isclose(m.scale().item(), 20.0, rel_tol=1e-6)
 
 
@@ -129,7 +143,8 @@ def test_openshape_checkpoint_is_one_branch():
         out = m(pts)
         f = ref_forward(ckpt["state_dict"], cfg, pts)
     assert m.head_type == "openshape" and torch.equal(out["image"], out["text"])
-    assert torch.allclose(out["text"], f @ ckpt["state_dict"]["module.proj.weight"].T + ckpt["state_dict"]["module.proj.bias"], atol=1e-5)
+    assert torch.allclose(out["text"], f @ ckpt["state_dict"]["module.proj.weight"].T
+                          + ckpt["state_dict"]["module.proj.bias"], atol=1e-5)
 
 
 def test_key_errors_name_the_key():
@@ -141,7 +156,8 @@ def test_key_errors_name_the_key():
     ckpt["state_dict"]["module.ppat.extra.weight"] = torch.zeros(1)
     with pytest.raises(BadInput, match="ppat.extra.weight"):
         load_pretrained(ckpt, scaling="tiny")
-    with pytest.raises(BadInput, match="wrong model size"):  # a tiny (depth 2) file read as scaling 1
+    # a tiny (depth 2) file read as scaling 1
+    with pytest.raises(BadInput, match="wrong model size"):
         load_pretrained(release_checkpoint(model.CONFIGS["tiny"]), scaling=1)
     with pytest.raises(BadInput, match="has shape"):  # same depth, other widths
         load_pretrained(release_checkpoint(model.CONFIGS[2]), scaling=1)
@@ -170,7 +186,8 @@ def test_corrupt_checkpoint_is_bad_input(tmp_path):
 def test_adapter_head_keys_match_release_classifier():
     assert set(alignment_head(512, 1280, 0.5).state_dict()) == {
         f"{i}.{n}" for i in (0, 4) for n in ("weight", "bias")} | {
-        f"{i}.{n}" for i in (1, 5) for n in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")}
+        f"{i}.{n}" for i in (1, 5)
+        for n in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")}
 
 
 def test_load_cia_accepts_release_prefixes_and_freezes():

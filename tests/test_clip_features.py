@@ -1,4 +1,5 @@
-"""Tests of clip_features.py on a tiny random-weight open_clip model (no CLIP weights can be downloaded here).
+"""Tests of clip_features.py on a tiny random-weight open_clip model (no CLIP weights can be
+downloaded here).
 
     .venv/bin/python -m pytest -q tests/test_clip_features.py
 """
@@ -21,8 +22,8 @@ from PIL import Image
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from tools import clip_features as cf  # noqa: E402
 from files import BadInput  # noqa: E402
+from tools import clip_features as cf  # noqa: E402
 
 TINY = "tamm-test-tiny-clip"
 # Small enough to build in well under a second; the real vocabulary so the stock tokenizer fits.
@@ -47,7 +48,8 @@ def by_hand(texts, model, tokenizer, templates):
     rows = []
     with torch.no_grad():
         for text in texts:
-            f = F.normalize(model.encode_text(tokenizer([t.format(text) for t in templates])), dim=-1)
+            f = F.normalize(model.encode_text(tokenizer([t.format(text) for t in templates])),
+                            dim=-1)
             rows.append(F.normalize(f.mean(0), dim=-1))
     return torch.stack(rows).numpy()
 
@@ -69,7 +71,8 @@ def test_class_names_are_the_template_average(clip):
     feats = cf.encode_class_names(names, model, tokenizer)
     assert feats.shape == (2, 32) and feats.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(feats, axis=1), 1.0, atol=1e-5)
-    np.testing.assert_allclose(feats, by_hand(names, model, tokenizer, cf.PROMPT_TEMPLATES), atol=1e-5)
+    np.testing.assert_allclose(feats, by_hand(names, model, tokenizer, cf.PROMPT_TEMPLATES),
+                               atol=1e-5)
     few = ["a {} in 3D.", "{}"]
     np.testing.assert_allclose(cf.encode_class_names(names, model, tokenizer, templates=few),
                                by_hand(names, model, tokenizer, few), atol=1e-5)
@@ -159,7 +162,8 @@ def test_encode_shape_folder_release_format(clip, shape_folder, tmp_path):
     model, tokenizer, preprocess = clip
     images, captions, pts6 = shape_folder
     out = tmp_path / "out"
-    written = cf.encode_shape_folder(images, out, model, tokenizer, preprocess, captions=captions, dataset="mine")
+    written = cf.encode_shape_folder(images, out, model, tokenizer, preprocess, captions=captions,
+                                     dataset="mine")
     assert [os.path.basename(p) for p in written] == ["s1.npy", "s2.npy"]
     s1 = np.load(out / "s1.npy", allow_pickle=True).item()
     s2 = np.load(out / "s2.npy", allow_pickle=True).item()
@@ -167,7 +171,8 @@ def test_encode_shape_folder_release_format(clip, shape_folder, tmp_path):
         assert shape["dataset"] == "mine" and shape["group"] == "renders" and shape["id"] == sid
         assert shape["blip_caption"] == "" and shape["msft_caption"] == ""
         for key in ("blip_caption_feat", "msft_caption_feat"):
-            assert set(shape[key]) == {"original", "prompt_avg"} and shape[key]["original"].shape == (1, 32)
+            assert (set(shape[key]) == {"original", "prompt_avg"}
+                    and shape[key]["original"].shape == (1, 32))
         assert shape["retrieval_text"] == [] and shape["retrieval_text_feat"] == []
         assert len(shape["text_feat"]) == len(shape["text"])
         for feat in shape["text_feat"]:
@@ -178,14 +183,16 @@ def test_encode_shape_folder_release_format(clip, shape_folder, tmp_path):
         assert shape["xyz"].dtype == np.float32 and shape["rgb"].dtype == np.float32
         np.testing.assert_allclose(np.linalg.norm(shape["image_feat"], axis=1), 1.0, atol=1e-5)
 
-    assert s1["text"] == ["a chair", "a red chair", "an old wooden chair"]  # JSON first, then captions.txt
+    # JSON first, then captions.txt
+    assert s1["text"] == ["a chair", "a red chair", "an old wooden chair"]
     assert s1["image_feat"].shape == (3, 32) and "thumbnail_feat" not in s1
     np.testing.assert_allclose(s1["xyz"], pts6[:, :3], rtol=1e-6)
     np.testing.assert_allclose(s1["rgb"], pts6[:, 3:], rtol=1e-6)
     np.testing.assert_allclose(np.concatenate([f["original"] for f in s1["text_feat"]]),
                                cf.encode_texts(s1["text"], model, tokenizer), atol=1e-5)
     np.testing.assert_allclose(np.concatenate([f["prompt_avg"] for f in s1["text_feat"]]),
-                               by_hand(s1["text"], model, tokenizer, cf.PROMPT_TEMPLATES), atol=1e-5)
+                               by_hand(s1["text"], model, tokenizer, cf.PROMPT_TEMPLATES),
+                               atol=1e-5)
     # View 1 is fully transparent, so CLIP must have seen a white image.
     with torch.no_grad():
         white = preprocess(Image.new("RGB", (40, 30), (255, 255, 255)))[None]
@@ -197,7 +204,8 @@ def test_encode_shape_folder_release_format(clip, shape_folder, tmp_path):
     assert s2["xyz"].shape == (40, 3) and np.all(s2["rgb"] == np.float32(0.4))
 
     split = json.loads((out / "split.json").read_text())
-    assert split == [{"id": s, "data_path": str(out / f"{s}.npy"), "dataset": "mine", "group": "renders"}
+    assert split == [{"id": s, "data_path": str(out / f"{s}.npy"), "dataset": "mine",
+                      "group": "renders"}
                      for s in ("s1", "s2")]
 
 
@@ -213,10 +221,12 @@ def test_shape_folder_bad_input(clip, shape_folder, tmp_path):
     with pytest.raises(BadInput, match="bad.json"):
         cf.main(["--pretrained", "none", "--model", TINY, "shapes", "--images", str(images),
                  "--captions", str(tmp_path / "bad.json"), "--out", str(tmp_path / "out")])
-    # one rgb convention with evaluate.py --pc (tools/pointclouds.py): 0-255 colours are divided by 255 ...
+    # one rgb convention with evaluate.py --pc (tools/pointclouds.py): 0-255 colours are divided
+    # by 255 ...
     cf.encode_shape_folder(images, tmp_path / "ok", model, tokenizer, preprocess)
     assert np.all(np.load(tmp_path / "ok" / "s2.npy", allow_pickle=True).item()["rgb"] == 1.0)
-    np.save(images / "s2" / "points.npy", np.full((10, 6), 300.0))  # ... and anything else is refused
+    # ... and anything else is refused
+    np.save(images / "s2" / "points.npy", np.full((10, 6), 300.0))
     with pytest.raises(BadInput, match=r"rgb must lie in \[0, 1\] or \[0, 255\]"):
         cf.encode_shape_folder(images, tmp_path / "out", model, tokenizer, preprocess)
     for name in os.listdir(images / "s2"):
@@ -234,8 +244,8 @@ def test_load_clip_weights_file_and_errors(clip, tmp_path):
     torch.save(model.state_dict(), weights)
     loaded, _, _ = cf.load_clip(TINY, pretrained=str(weights))
     text = ["a small lamp"]
-    np.testing.assert_allclose(cf.encode_texts(text, loaded, tokenizer), cf.encode_texts(text, model, tokenizer),
-                               atol=1e-6)
+    np.testing.assert_allclose(cf.encode_texts(text, loaded, tokenizer),
+                               cf.encode_texts(text, model, tokenizer), atol=1e-6)
     assert not loaded.training
 
     missing = tmp_path / "nowhere" / "open_clip_model.safetensors"
@@ -262,53 +272,61 @@ def test_tag_is_taken_from_the_hugging_face_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path))
     tag = cf.DEFAULT_PRETRAINED
     cfg = open_clip.get_pretrained_cfg(cf.DEFAULT_MODEL, tag)
-    assert cf._tag_weights(cf.DEFAULT_MODEL, tag, cfg) == str(snapshot / "open_clip_pytorch_model.bin")
-    (snapshot / "open_clip_model.safetensors").write_bytes(b"weights")  # preferred, as open_clip does
-    assert cf._tag_weights(cf.DEFAULT_MODEL, tag, cfg) == str(snapshot / "open_clip_model.safetensors")
+    assert (cf._tag_weights(cf.DEFAULT_MODEL, tag, cfg)
+            == str(snapshot / "open_clip_pytorch_model.bin"))
+    # preferred, as open_clip does
+    (snapshot / "open_clip_model.safetensors").write_bytes(b"weights")
+    assert (cf._tag_weights(cf.DEFAULT_MODEL, tag, cfg)
+            == str(snapshot / "open_clip_model.safetensors"))
 
 
 def test_main_classes_and_shapes(clip, shape_folder, tmp_path, capsys):
     model, tokenizer, _ = clip
     out = tmp_path / "cat_name_pt_feat.npy"
-    cf.main(["--model", TINY, "--pretrained", "none", "--device", "cpu", "classes", "--names", "sofa, bed,lamp",
-             "--out", str(out)])
+    cf.main(["--model", TINY, "--pretrained", "none", "--device", "cpu", "classes",
+             "--names", "sofa, bed,lamp", "--out", str(out)])
     names, feats = cf.read_class_features(out)
     assert names == ["sofa", "bed", "lamp"] and feats.shape == (3, 32)
     np.testing.assert_allclose(np.linalg.norm(feats, axis=1), 1.0, atol=1e-5)
 
     names_file = tmp_path / "names.txt"
     names_file.write_text("bed\nsofa\n\n")
-    cf.main(["--model", TINY, "--pretrained", "none", "classes", "--names-file", str(names_file), "--layout", "lvis",
-             "--out", str(tmp_path / "lvis.npy")])
+    cf.main(["--model", TINY, "--pretrained", "none", "classes", "--names-file", str(names_file),
+             "--layout", "lvis", "--out", str(tmp_path / "lvis.npy")])
     assert np.load(tmp_path / "lvis.npy").shape == (2, 32)
     with pytest.raises(BadInput, match="appear more than once: a"):
-        cf.main(["--model", TINY, "--pretrained", "none", "classes", "--names", "a,b,a", "--out", str(out)])
+        cf.main(["--model", TINY, "--pretrained", "none", "classes", "--names", "a,b,a",
+                 "--out", str(out)])
     with pytest.raises(BadInput, match="--names '  , ': no labels given"):
-        cf.main(["--model", TINY, "--pretrained", "none", "classes", "--names", "  , ", "--out", str(out)])
+        cf.main(["--model", TINY, "--pretrained", "none", "classes", "--names", "  , ",
+                 "--out", str(out)])
 
     images, captions, _ = shape_folder
-    cf.main(["--model", TINY, "--pretrained", "none", "shapes", "--images", str(images), "--captions", str(captions),
-             "--out", str(tmp_path / "shapes")])
+    cf.main(["--model", TINY, "--pretrained", "none", "shapes", "--images", str(images),
+             "--captions", str(captions), "--out", str(tmp_path / "shapes")])
     assert sorted(os.listdir(tmp_path / "shapes")) == ["s1.npy", "s2.npy", "split.json"]
     assert "wrote 2 shapes" in capsys.readouterr().out
 
 
 def run_cli_offline(tmp_path, **env):
-    """Run the default-weights CLI in a subprocess with an empty HF cache; (rc, stderr lines, seconds)."""
-    full_env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_ENDPOINT", "HF_HUB_CACHE")}
+    """Run the default-weights CLI in a subprocess with an empty HF cache; (rc, stderr lines,
+    seconds)."""
+    full_env = {k: v for k, v in os.environ.items()
+                if k not in ("HF_HUB_OFFLINE", "HF_ENDPOINT", "HF_HUB_CACHE")}
     full_env.update(HF_HOME=str(tmp_path / "hf_home"), **env)
     start = time.time()
     full_env["PYTHONPATH"] = ROOT
     proc = subprocess.run([sys.executable, "-m", "tools.clip_features", "classes", "--names", "a,b",
-                           "--out", str(tmp_path / "X.npy")], env=full_env, capture_output=True, text=True,
-                          timeout=60, cwd=tmp_path)
+                           "--out", str(tmp_path / "X.npy")], env=full_env, capture_output=True,
+                          text=True, timeout=60, cwd=tmp_path)
     return proc.returncode, proc.stderr.strip().splitlines(), time.time() - start
 
 
 def test_cli_default_weights_offline_fails_fast(tmp_path):
     rc, err, seconds = run_cli_offline(tmp_path, HF_HUB_OFFLINE="1")
     assert rc == 2 and len(err) == 1, err
-    assert err[0].startswith("error: --pretrained laion2b_s39b_b160k:") and "HF_HUB_OFFLINE" in err[0]
+    assert (err[0].startswith("error: --pretrained laion2b_s39b_b160k:")
+            and "HF_HUB_OFFLINE" in err[0])
     assert "--pretrained PATH" in err[0] and "HF_HOME" in err[0]
     assert seconds < 30  # mostly the import of torch and open_clip
     assert not (tmp_path / "X.npy").exists()

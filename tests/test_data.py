@@ -1,8 +1,9 @@
-"""data.py on tiny fixtures written here in the exact OpenShape release format (and TAMM's folder layout).
+"""data.py on tiny fixtures written here in the exact OpenShape release format (and TAMM's folder
+layout).
 
-Feature vectors are filled with a code number so a test can tell which view or text the reader picked:
-image views 100 + v, thumbnail 99, name texts 200 + k ("original") / 300 + k ("prompt_avg"), BLIP 400/401,
-MSFT 500/501, retrieved texts 600 + k / 700 + k.
+Feature vectors are filled with a code number so a test can tell which view or text the reader
+picked: image views 100 + v, thumbnail 99, name texts 200 + k ("original") / 300 + k
+("prompt_avg"), BLIP 400/401, MSFT 500/501, retrieved texts 600 + k / 700 + k.
 """
 import json
 import os
@@ -12,7 +13,6 @@ import numpy as np
 import pytest
 import torch
 
-import checkpoint
 import data
 from files import BadInput
 
@@ -25,17 +25,20 @@ def feat(code):
     return np.full((1, D), float(code), np.float32)
 
 
-def make_shape(uid, dataset="ShapeNet", texts=("a chair",), blip="", msft="", retrieval=(), n=N_STORED, views=12,
-               seed=0):
+def make_shape(uid, dataset="ShapeNet", texts=("a chair",), blip="", msft="", retrieval=(),
+               n=N_STORED, views=12, seed=0):
     rng = np.random.default_rng(seed)
     shape = {"dataset": dataset, "group": "g0", "id": uid,
              "xyz": (rng.standard_normal((n, 3)) * [1, 2, 3] + [5, 6, 7]).astype(np.float32),
              "rgb": rng.random((n, 3)).astype(np.float32),
              "image_feat": np.stack([np.full(D, 100 + v, np.float32) for v in range(views)]),
              "text": list(texts),
-             "text_feat": [{"original": feat(200 + k), "prompt_avg": feat(300 + k)} for k in range(len(texts))],
-             "blip_caption": blip, "blip_caption_feat": {"original": feat(400), "prompt_avg": feat(401)},
-             "msft_caption": msft, "msft_caption_feat": {"original": feat(500), "prompt_avg": feat(501)},
+             "text_feat": [{"original": feat(200 + k), "prompt_avg": feat(300 + k)}
+                           for k in range(len(texts))],
+             "blip_caption": blip,
+             "blip_caption_feat": {"original": feat(400), "prompt_avg": feat(401)},
+             "msft_caption": msft,
+             "msft_caption_feat": {"original": feat(500), "prompt_avg": feat(501)},
              "retrieval_text": list(retrieval),
              "retrieval_text_feat": [{"original": feat(600 + k), "prompt_avg": feat(700 + k)}
                                      for k in range(len(retrieval))]}
@@ -65,11 +68,12 @@ MODELNET_CLASSES = ["zebra", "airplane", "mug"]   # dict order, deliberately not
 
 
 def write_release(root, shapes, layout="openshape", flags=None, knn=None):
-    """A miniature release: per-shape pickled dicts, split JSONs with /mnt/data paths, GPT-4 flags, knn file,
-    ModelNet40, ScanObjectNN (no rgb) and Objaverse-LVIS, in the OpenShape or TAMM folder layout. TAMM's
-    (configs/Pre-Training/pointbert.yaml): splits under meta_data/Pre-Training/split/, benchmarks under
-    meta_data/Zero-Shot/ (LVIS features in Zero-Shot/LVIS/), gpt4_filtering.json and point_feat_knn.npy in
-    meta_data/, and the shapes in data/ beside meta_data/ (TAMM maps /mnt/data to data)."""
+    """A miniature release: per-shape pickled dicts, split JSONs with /mnt/data paths, GPT-4 flags,
+    knn file, ModelNet40, ScanObjectNN (no rgb) and Objaverse-LVIS, in the OpenShape or TAMM folder
+    layout. TAMM's (configs/Pre-Training/pointbert.yaml): splits under
+    meta_data/Pre-Training/split/, benchmarks under meta_data/Zero-Shot/ (LVIS features in
+    Zero-Shot/LVIS/), gpt4_filtering.json and point_feat_knn.npy in meta_data/, and the shapes in
+    data/ beside meta_data/ (TAMM maps /mnt/data to data)."""
     root = str(root)
     tamm = layout == "tamm"
     meta = os.path.join(root, "meta_data", "Pre-Training" if tamm else "")
@@ -79,7 +83,8 @@ def write_release(root, shapes, layout="openshape", flags=None, knn=None):
     for s in shapes:
         save(shape_file(shapes_root, s), s)
         rel = os.path.relpath(shape_file(shapes_root, s), shapes_root)
-        split.append({"id": s["id"], "data_path": f"/mnt/data/{rel}", "dataset": s["dataset"], "group": s["group"]})
+        split.append({"id": s["id"], "data_path": f"/mnt/data/{rel}", "dataset": s["dataset"],
+                      "group": s["group"]})
     save_json(os.path.join(meta, "split", "train_all.json"), split)
     save_json(os.path.join(meta, "split", "ablation", "train_shapenet_only.json"),
               [e for e in split if e["dataset"] == "ShapeNet"])
@@ -88,27 +93,33 @@ def write_release(root, shapes, layout="openshape", flags=None, knn=None):
     if knn is not None:
         save(os.path.join(root, "meta_data", "point_feat_knn.npy"), knn)
     rng = np.random.default_rng(1)
-    # ModelNet40: object array of {xyz, rgb on 0-255}, split aligned with it, class features in dict order.
+    # ModelNet40: object array of {xyz, rgb on 0-255}, split aligned with it, class features in
+    # dict order.
     pcs = np.empty(3, dtype=object)
     pcs[:] = [{"xyz": rng.standard_normal((N_STORED, 3)).astype(np.float32),
                "rgb": np.full((N_STORED, 3), 100.0 + k, np.float32)} for k in range(3)]
     save(os.path.join(zero, "modelnet40", "test_pc.npy"), pcs)
     save_json(os.path.join(zero, "modelnet40", "test_split.json"),
-              [{"name": f"m{k}", "category": c} for k, c in enumerate(["mug", "zebra", "airplane"])])
+              [{"name": f"m{k}", "category": c}
+               for k, c in enumerate(["mug", "zebra", "airplane"])])
     save(os.path.join(zero, "modelnet40", "cat_name_pt_feat.npy"),
          {c: {"open_clip_text_feat": feat(k)} for k, c in enumerate(MODELNET_CLASSES)})
-    # ScanObjectNN: (M, 32, 3) without rgb; the feature file lists classes in an order unlike the labels'.
+    # ScanObjectNN: (M, 32, 3) without rgb; the feature file lists classes in an order unlike the
+    # labels'.
     save(os.path.join(zero, "scanobjectnn", "xyz_label.npy"),
          {"xyz": rng.standard_normal((3, 32, 3)).astype(np.float32), "label": np.array([0, 14, 3])})
     save(os.path.join(zero, "scanobjectnn", "cat_name_pt_feat.npy"),
-         {c: {"open_clip_text_feat": feat(k)} for k, c in reversed(list(enumerate(data.SCANOBJECTNN_CLASSES)))})
-    # Objaverse-LVIS: per-shape files referenced with /mnt/data paths; classes = sorted unique categories.
+         {c: {"open_clip_text_feat": feat(k)}
+          for k, c in reversed(list(enumerate(data.SCANOBJECTNN_CLASSES)))})
+    # Objaverse-LVIS: per-shape files referenced with /mnt/data paths; classes = sorted unique
+    # categories.
     lvis = []
     for k, cat in enumerate(["zebra", "apple", "zebra", "mug"]):
         s = make_shape(f"lvis{k}", dataset="Objaverse", seed=10 + k)
         save(shape_file(shapes_root, s), s)
         lvis.append({"uid": s["id"], "category": cat, "group": "g0",
-                     "data_path": "/mnt/data/" + os.path.relpath(shape_file(shapes_root, s), shapes_root)})
+                     "data_path": ("/mnt/data/"
+                                   + os.path.relpath(shape_file(shapes_root, s), shapes_root))})
     save_json(os.path.join(meta, "split", "lvis.json"), lvis)
     save(os.path.join(zero, "LVIS" if tamm else "", "lvis_cat_name_pt_feat.npy"),
          np.stack([np.full(D, k, np.float32) for k in range(3)]))
@@ -116,9 +127,10 @@ def write_release(root, shapes, layout="openshape", flags=None, knn=None):
 
 
 def default_shapes():
-    return [make_shape(f"obj{k}", "Objaverse", texts=("name", "other"), blip="a blip", retrieval=("r0", "r1"),
-                       seed=k) for k in range(6)] + \
-           [make_shape(f"sn{k}", "ShapeNet", texts=("t0", "t1", "t2"), seed=20 + k) for k in range(6)]
+    return [make_shape(f"obj{k}", "Objaverse", texts=("name", "other"), blip="a blip",
+                       retrieval=("r0", "r1"), seed=k) for k in range(6)] + \
+           [make_shape(f"sn{k}", "ShapeNet", texts=("t0", "t1", "t2"), seed=20 + k)
+            for k in range(6)]
 
 
 @pytest.fixture
@@ -143,7 +155,7 @@ def codes(x):
     return [int(v) for v in x[:, 0]]
 
 
-# ---- training triplets ---------------------------------------------------------------------------------------
+# ---- training triplets ---------------------------------------------------------------------------
 
 def test_train_sample_format(release):
     ds = triplets(release)
@@ -163,7 +175,8 @@ def test_train_sample_format(release):
 
 def test_prefix_mapping_and_split_forms(release, tmp_path):
     assert data.map_path("/mnt/data/a/b.npy", "/r") == "/r/a/b.npy"
-    assert data.map_path("/mnt/database/x.npy", "/r") == "/mnt/database/x.npy"   # only a whole path component
+    # only a whole path component
+    assert data.map_path("/mnt/database/x.npy", "/r") == "/mnt/database/x.npy"
     assert data.map_path("rel/x.npy", "/r") == "/r/rel/x.npy"
     assert data.map_path("/data/x.npy", "/r", prefix="/data") == "/r/x.npy"
     ds = triplets(release)
@@ -185,7 +198,8 @@ def test_training_points_are_normalised_and_z_up(release):
     ds = triplets(release, augmentations=(), rgb_drop_prob=0.0)
     stored = np.load(ds.paths[7], allow_pickle=True).item()
     pts = ds[7]["points"].numpy()
-    # rgb is untouched here, so it identifies which stored points were sampled (a random subset, no repeats)
+    # rgb is untouched here, so it identifies which stored points were sampled (a random subset, no
+    # repeats)
     rows = [int(np.argmin(np.abs(stored["rgb"] - c).sum(1))) for c in pts[:, 3:]]
     assert len(set(rows)) == 32 and np.allclose(stored["rgb"][rows], pts[:, 3:])
     sub = stored["xyz"][rows] - stored["xyz"][rows].mean(0)
@@ -225,7 +239,8 @@ def test_augmentation_switches(release):
     assert torch.equal(plain, base)
     # with everything on, over shapes roughly half of the samples have grey rgb
     full = triplets(release)
-    greys = [bool((full[i]["points"][:, 3:] == 0.4).all()) for i in range(12) for full.epoch in range(4)]
+    greys = [bool((full[i]["points"][:, 3:] == 0.4).all())
+             for i in range(12) for full.epoch in range(4)]
     assert 0.2 < np.mean(greys) < 0.8
 
 
@@ -265,10 +280,12 @@ def test_text_rules_other_sets_captions_retrieval(tmp_path):
     got = {(bool(cap[0]["has_text"]), codes(cap[0]["text_feat"])[0]) for cap.epoch in range(40)}
     assert got == {(True, 401), (False, 0)}
     # all sources together: one candidate per source, then uniform
-    allsrc = one_shape(tmp_path / "d", make_shape("o", "Objaverse", texts=("n",), blip="b", msft="m",
-                                                  retrieval=("r",)))
+    allsrc = one_shape(tmp_path / "d",
+                       make_shape("o", "Objaverse", texts=("n",), blip="b", msft="m",
+                                  retrieval=("r",)))
     assert {codes(allsrc[0]["text_feat"])[0] for allsrc.epoch in range(80)} == {300, 401, 501, 600}
-    only = one_shape(tmp_path / "e", make_shape("o", "Objaverse", texts=("n",), blip="b", retrieval=("r",)),
+    only = one_shape(tmp_path / "e",
+                     make_shape("o", "Objaverse", texts=("n",), blip="b", retrieval=("r",)),
                      text_sources=("retrieval_text",))
     assert codes(only[0]["text_feat"]) == [600]
 
@@ -302,7 +319,8 @@ def test_loader_independent_of_worker_count(release):
 
 
 def test_fewer_points_are_resampled(tmp_path):
-    ds = one_shape(tmp_path, make_shape("few", n=10), num_points=32, augmentations=(), rgb_drop_prob=0.0)
+    ds = one_shape(tmp_path, make_shape("few", n=10), num_points=32, augmentations=(),
+                   rgb_drop_prob=0.0)
     pts = ds[0]["points"]
     stored = np.load(ds.paths[0], allow_pickle=True).item()["rgb"]
     assert pts.shape == (32, 6)
@@ -310,7 +328,7 @@ def test_fewer_points_are_resampled(tmp_path):
     assert rows == set(range(10))   # every stored point kept, the rest drawn again
 
 
-# ---- samplers and loaders ------------------------------------------------------------------------------------
+# ---- samplers and loaders ------------------------------------------------------------------------
 
 class Sized:
     def __init__(self, n):
@@ -418,15 +436,16 @@ def test_knn_batches_group_neighbours(tmp_path):
     for b in batches:
         for g in range(0, 8, 4):
             group = b[g:g + 4]
-            assert len({k // 4 for k in group}) == 1 and len(set(group)) == 4   # seed + its 3 cluster mates
+            # seed + its 3 cluster mates
+            assert len({k // 4 for k in group}) == 1 and len(set(group)) == 4
     again = data.KnnBatchSampler(ds, 8, knn, 4)
     again.set_epoch(0)
     assert [list(x) for x in again] == batches
     again.set_epoch(1)
     assert [list(x) for x in again] != batches
     # two ranks get different batches; skip resumes
-    r0, r1 = data.KnnBatchSampler(ds, 4, knn, 4, rank=0, world_size=2), data.KnnBatchSampler(ds, 4, knn, 4, rank=1,
-                                                                                          world_size=2)
+    r0, r1 = (data.KnnBatchSampler(ds, 4, knn, 4, rank=0, world_size=2),
+              data.KnnBatchSampler(ds, 4, knn, 4, rank=1, world_size=2))
     b0, b1 = list(r0), list(r1)
     assert len(b0) == len(b1) == 2 and b0 != b1
     r0.skip(4)
@@ -435,7 +454,8 @@ def test_knn_batches_group_neighbours(tmp_path):
 
 def test_knn_fills_groups_when_neighbours_are_missing(tmp_path):
     root, knn = knn_release(tmp_path)
-    shapenet = json.load(open(os.path.join(root, "meta_data/split/train_all.json")))[:6]   # clusters cut in half
+    # clusters cut in half
+    shapenet = json.load(open(os.path.join(root, "meta_data/split/train_all.json")))[:6]
     save_json(str(tmp_path / "part.json"), shapenet)
     ds = triplets(root, split=str(tmp_path / "part.json"))
     sampler = data.KnnBatchSampler(ds, 4, knn, 4)
@@ -452,7 +472,7 @@ def test_knn_bad_inputs(release):
         data.make_train_loader(ds, 4, knn=os.path.join(release, "meta_data/point_feat_knn.npy"))
 
 
-# ---- zero-shot benchmarks ------------------------------------------------------------------------------------
+# ---- zero-shot benchmarks ------------------------------------------------------------------------
 
 @pytest.mark.parametrize("layout", ["openshape", "tamm"])
 def test_benchmarks_in_both_layouts(tmp_path, layout):
@@ -460,52 +480,65 @@ def test_benchmarks_in_both_layouts(tmp_path, layout):
     sets = data.load_benchmarks(root, num_points=20, clip_dim=D)
     assert sorted(sets) == ["lvis", "modelnet40", "scanobjectnn"]
     ds = triplets(root)
-    assert len(ds) == 12 and ds[0]["valid"]   # the TAMM split folder, the GPT-4 filter and data/ are found too
+    # the TAMM split folder, the GPT-4 filter and data/ are found too
+    assert len(ds) == 12 and ds[0]["valid"]
     assert all(os.path.exists(p) for p in ds.paths + sets["lvis"].paths)
-    assert all(p.startswith(os.path.join(root, "data") if layout == "tamm" else root) for p in ds.paths)
+    assert all(p.startswith(os.path.join(root, "data") if layout == "tamm" else root)
+               for p in ds.paths)
     assert len(triplets(root, split="ablation/train_shapenet_only")) == 6
     for ds in sets.values():
         pts, label = ds[0]
         n = 32 if ds.name == "scanobjectnn" else 20  # ScanObjectNN: all its stored points
         assert pts.shape == (n, 6) and pts.dtype == torch.float32 and isinstance(label, int)
-        assert ds.class_feat.dtype == torch.float32 and ds.class_feat.shape == (len(ds.class_names), D)
+        assert (ds.class_feat.dtype == torch.float32
+                and ds.class_feat.shape == (len(ds.class_names), D))
 
 
 def test_modelnet40_first_points_swap_normalise_rgb(release):
-    mn = data.load_benchmarks(release, num_points=20, names=("modelnet40",), clip_dim=D)["modelnet40"]
-    assert mn.name == "modelnet40" and mn.class_names == MODELNET_CLASSES     # dict order kept
+    mn = data.load_benchmarks(release, num_points=20, names=("modelnet40",),
+                              clip_dim=D)["modelnet40"]
+    assert mn.name == "modelnet40" and mn.class_names == MODELNET_CLASSES  # dict order kept
     assert codes(mn.class_feat) == [0, 1, 2]
-    assert [mn[k][1] for k in range(3)] == [2, 0, 1]                          # mug, zebra, airplane
-    stored = np.load(os.path.join(release, "meta_data/modelnet40/test_pc.npy"), allow_pickle=True)[1]
+    assert [mn[k][1] for k in range(3)] == [2, 0, 1]                       # mug, zebra, airplane
+    stored = np.load(os.path.join(release, "meta_data/modelnet40/test_pc.npy"),
+                     allow_pickle=True)[1]
     pts = mn[1][0].numpy()
-    xyz = stored["xyz"][:20][:, [0, 2, 1]]                                    # first N points, y <-> z
+    xyz = stored["xyz"][:20][:, [0, 2, 1]]                                 # first N points, y <-> z
     xyz = xyz - xyz.mean(0)
     assert np.allclose(pts[:, :3], xyz / np.linalg.norm(xyz, axis=1).max(), atol=1e-5)
     assert np.allclose(pts[:, 3:], 101 / 255)
-    assert torch.equal(mn[1][0], mn[1][0])                                    # no randomness
+    assert torch.equal(mn[1][0], mn[1][0])                                 # no randomness
 
 
 def test_scanobjectnn_grey_rgb_fixed_class_order_and_all_stored_points(release):
-    so = data.load_benchmarks(release, num_points=50, names=("scanobjectnn",), clip_dim=D)["scanobjectnn"]
+    so = data.load_benchmarks(release, num_points=50, names=("scanobjectnn",),
+                              clip_dim=D)["scanobjectnn"]
     assert so.class_names == data.SCANOBJECTNN_CLASSES
-    assert codes(so.class_feat) == list(range(15))    # rows follow the label order, not the file's order
+    # rows follow the label order, not the file's order
+    assert codes(so.class_feat) == list(range(15))
     assert [so[k][1] for k in range(3)] == [0, 14, 3]
     pts = so[0][0]
     assert pts.shape == (32, 6) and torch.all(pts[:, 3:] == 0.4) and torch.equal(so[0][0], pts)
-    # all 32 stored points in their order, never padded to the 50 asked for (TAMM data.py ScanObjectNNTest)
-    stored = np.load(os.path.join(release, "meta_data/scanobjectnn/xyz_label.npy"), allow_pickle=True).item()
+    # all 32 stored points in their order, never padded to the 50 asked for (TAMM data.py
+    # ScanObjectNNTest)
+    stored = np.load(os.path.join(release, "meta_data/scanobjectnn/xyz_label.npy"),
+                     allow_pickle=True).item()
     xyz = stored["xyz"][0][:, [0, 2, 1]]
     xyz = xyz - xyz.mean(0)
     assert np.allclose(pts[:, :3].numpy(), xyz / np.linalg.norm(xyz, axis=1).max(), atol=1e-5)
 
 
 def test_permuted_point_order_is_openshapes_and_seeded(release):
-    first = data.load_benchmarks(release, num_points=20, names=("modelnet40",), clip_dim=D)["modelnet40"]
-    perm = data.load_benchmarks(release, num_points=20, names=("modelnet40",), clip_dim=D, order="permuted")["modelnet40"]
-    stored = np.load(os.path.join(release, "meta_data/modelnet40/test_pc.npy"), allow_pickle=True)[1]["xyz"]
-    idx = np.random.default_rng(1).permutation(len(stored))[:20]          # a permutation, then the first N
+    first = data.load_benchmarks(release, num_points=20, names=("modelnet40",),
+                                 clip_dim=D)["modelnet40"]
+    perm = data.load_benchmarks(release, num_points=20, names=("modelnet40",), clip_dim=D,
+                                order="permuted")["modelnet40"]
+    stored = np.load(os.path.join(release, "meta_data/modelnet40/test_pc.npy"),
+                     allow_pickle=True)[1]["xyz"]
+    idx = np.random.default_rng(1).permutation(len(stored))[:20]  # a permutation, then the first N
     xyz = stored[idx][:, [0, 2, 1]] - stored[idx][:, [0, 2, 1]].mean(0)
-    assert np.allclose(perm[1][0][:, :3].numpy(), xyz / np.linalg.norm(xyz, axis=1).max(), atol=1e-5)
+    assert np.allclose(perm[1][0][:, :3].numpy(), xyz / np.linalg.norm(xyz, axis=1).max(),
+                       atol=1e-5)
     assert torch.equal(perm[1][0], perm[1][0]) and not torch.equal(perm[1][0], first[1][0])
 
 
@@ -534,7 +567,7 @@ def test_absent_benchmarks_are_left_out(tmp_path):
     assert data.load_benchmarks(str(tmp_path / "empty"), clip_dim=D) == {}
 
 
-# ---- bad input: every case of the issue names the file -------------------------------------------------------
+# ---- bad input: every case of the issue names the file -------------------------------------------
 
 def test_missing_root_and_split(tmp_path, release):
     with pytest.raises(BadInput, match="nowhere"):
@@ -559,7 +592,8 @@ def test_missing_gpt4_filter(release):
     with pytest.raises(BadInput, match="gpt4_filtering.json"):
         triplets(release)
     assert len(triplets(release, use_gpt4_filter=False)) == 12
-    assert len(triplets(release, split="ablation/train_shapenet_only")) == 6   # no Objaverse: not needed
+    # no Objaverse: not needed
+    assert len(triplets(release, split="ablation/train_shapenet_only")) == 6
 
 
 @pytest.mark.parametrize("missing", ["test_pc.npy", "test_split.json", "cat_name_pt_feat.npy"])
@@ -585,7 +619,7 @@ def test_incomplete_lvis(release, missing):
 
 def test_broken_benchmark_files(release):
     mn = os.path.join(release, "meta_data", "modelnet40")
-    with pytest.raises(BadInput, match="cat_name_pt_feat.npy"):   # class features of the wrong width
+    with pytest.raises(BadInput, match="cat_name_pt_feat.npy"):  # class features of the wrong width
         data.load_benchmarks(release, names=("modelnet40",))
     pcs = np.load(os.path.join(mn, "test_pc.npy"), allow_pickle=True)
     pcs[2]["xyz"][5, 1] = np.nan
@@ -640,8 +674,8 @@ def break_shape(path, how):
     raise ValueError(how)
 
 
-BROKEN = ["missing", "truncated", "not_a_dict", "no_xyz", "no_rgb", "no_image_feat", "nan", "inf", "image_width",
-          "text_width", "few_views"]
+BROKEN = ["missing", "truncated", "not_a_dict", "no_xyz", "no_rgb", "no_image_feat", "nan", "inf",
+          "image_width", "text_width", "few_views"]
 
 
 @pytest.mark.parametrize("how", BROKEN)
@@ -658,17 +692,22 @@ def test_broken_shape_is_skipped_and_counted(release, how):
     ds = triplets(release)
     break_shape(ds.paths[2], how)
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # the reader itself is silent: the training loop names broken shapes
+        # the reader itself is silent: the training loop names broken shapes
+        warnings.simplefilter("error")
         first, again = ds[2], ds[2]
-    assert ds.paths[2] in first["error"] and first["error"] == again["error"] and ds[3]["error"] == ""
-    # the next shape that loads stands in, marked invalid: the batch keeps its size, the loss leaves it out
+    assert (ds.paths[2] in first["error"] and first["error"] == again["error"]
+            and ds[3]["error"] == "")
+    # the next shape that loads stands in, marked invalid: the batch keeps its size, the loss leaves
+    # it out
     assert not first["valid"] and not again["valid"] and first["index"] == 2
-    assert torch.equal(first["points"], ds[3]["points"]) and torch.equal(first["text_feat"], ds[3]["text_feat"])
+    assert (torch.equal(first["points"], ds[3]["points"])
+            and torch.equal(first["text_feat"], ds[3]["text_feat"]))
     loader, sampler = data.make_train_loader(ds, batch_size=12)
     (batch,) = list(loader)
     assert [e for e in batch["error"] if e] == [first["error"]]
     assert len(batch["index"]) == 12 and batch["valid"].sum() == 11 and (~batch["valid"]).sum() == 1
-    assert not batch["valid"][batch["index"] == 2].any() and batch["valid"][batch["index"] != 2].all()
+    assert (not batch["valid"][batch["index"] == 2].any()
+            and batch["valid"][batch["index"] != 2].all())
 
 
 def test_every_shape_broken_is_one_clear_error(tmp_path):

@@ -1,4 +1,5 @@
-"""tools/download.py: offline in one line, archives unpacked once, and what it asks the Hub for (a fake Hub)."""
+"""tools/download.py: offline in one line, archives unpacked once, and what it asks the Hub for (a
+fake Hub)."""
 import os
 import subprocess
 import sys
@@ -17,8 +18,9 @@ def test_download_offline_fails_with_one_line(tmp_path, env):
     run_env = {**os.environ, "HF_HOME": str(tmp_path / "hf")}
     run_env.pop("HF_HUB_OFFLINE", None)
     run_env.update(env)
-    proc = subprocess.run([sys.executable, "-m", "tools.download", "--out", str(tmp_path / "o"), "--only", "meta_data"], capture_output=True, text=True, timeout=120, env=run_env,
-                          cwd=REPO)
+    proc = subprocess.run([sys.executable, "-m", "tools.download", "--out", str(tmp_path / "o"),
+                           "--only", "meta_data"], capture_output=True, text=True, timeout=120,
+                          env=run_env, cwd=REPO)
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and download.HF_DATASET in lines[0]
@@ -38,14 +40,17 @@ def test_unpack_extracts_once(tmp_path):
     assert (out / "ShapeNet" / "a.npy").read_text() == "x"
     assert (out / "meta_data" / "split" / "train_all.json").exists()
     (out / "ShapeNet" / "a.npy").unlink()
-    download.unpack(str(out), ["ShapeNet.tar.gz", "meta_data.zip"])   # remembered: not extracted again
+    # remembered: not extracted again
+    download.unpack(str(out), ["ShapeNet.tar.gz", "meta_data.zip"])
     assert not (out / "ShapeNet" / "a.npy").exists()
 
 
 def test_download_prints_estimate_fetches_parts_and_unpacks(tmp_path, monkeypatch, capsys):
-    """The hub is replaced by a fake that serves a listing and one archive: checks what we ask it for."""
-    import huggingface_hub
+    """The hub is replaced by a fake that serves a listing and one archive: checks what we ask it
+    for."""
     from types import SimpleNamespace
+
+    import huggingface_hub
     listing = [SimpleNamespace(rfilename="meta_data.zip", size=2_000_000_000),
                SimpleNamespace(rfilename="ShapeNet.tar.gz", size=9_000_000_000),
                SimpleNamespace(rfilename="Objaverse/000-000.tar.gz", size=1_000_000_000)]

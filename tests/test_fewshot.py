@@ -1,6 +1,7 @@
-"""The released few-shot protocol (`evaluate.py --fewshot-folds DIR`): Point-BERT's ModelNetFewshot folds as TAMM
-reads them (dataset/ModelNetDatasetFewShot.py), written here in that layout: DIR/{way}way_{shot}shot/{fold}.pkl,
-each a pickled {"train": [...], "test": [...]} of (points (N, 6) xyz + normals, label in [0, way), class_id).
+"""The released few-shot protocol (`evaluate.py --fewshot-folds DIR`): Point-BERT's ModelNetFewshot
+folds as TAMM reads them (dataset/ModelNetDatasetFewShot.py), written here in that layout:
+DIR/{way}way_{shot}shot/{fold}.pkl, each a pickled {"train": [...], "test": [...]} of (points
+(N, 6) xyz + normals, label in [0, way), class_id).
 
     .venv/bin/python -m pytest -q tests/test_fewshot.py
 """
@@ -12,42 +13,48 @@ import numpy as np
 import pytest
 import torch
 
-import data
-import fewshot
 import evaluate
+import fewshot
+from cli import run_cli
 from model import CONFIGS, TAMM
 from test_evaluate import write_modelnet
 from tools import pointclouds
-from cli import run_cli
 
-N = 128                                  # stored points per shape (the tiny encoder groups 64 patches)
-SETTINGS = [(2, 2), (3, 1)]              # (way, shot); 10 folds each
-FAMILIES = 4                             # "ModelNet40 classes" the folds draw from
+N = 128                      # stored points per shape (the tiny encoder groups 64 patches)
+SETTINGS = [(2, 2), (3, 1)]  # (way, shot); 10 folds each
+FAMILIES = 4                 # "ModelNet40 classes" the folds draw from
 
 
 def shape(family, rng):
-    """(N, 6) float32 y-up xyz + unit normals of one shape: a rod, a disc, a ball or two blobs, with a random
-    size and position (which the reader's normalisation removes) and some noise."""
+    """(N, 6) float32 y-up xyz + unit normals of one shape: a rod, a disc, a ball or two blobs, with
+    a random size and position (which the reader's normalisation removes) and some noise."""
     u = rng.standard_normal((N, 3))
     if family == 0:
-        xyz = np.stack([0.05 * u[:, 0], rng.uniform(-1, 1, N), 0.05 * u[:, 2]], 1)     # along y, the release's up
+        # along y, the release's up
+        xyz = np.stack([0.05 * u[:, 0], rng.uniform(-1, 1, N), 0.05 * u[:, 2]], 1)
     elif family == 1:
         r, a = np.sqrt(rng.uniform(0, 1, N)), rng.uniform(0, 2 * np.pi, N)
-        xyz = np.stack([r * np.cos(a), 0.02 * u[:, 1], r * np.sin(a)], 1)               # flat in x-z
+        # flat in x-z
+        xyz = np.stack([r * np.cos(a), 0.02 * u[:, 1], r * np.sin(a)], 1)
     elif family == 2:
-        xyz = u / np.linalg.norm(u, axis=1, keepdims=True)                              # a sphere's surface
+        # a sphere's surface
+        xyz = u / np.linalg.norm(u, axis=1, keepdims=True)
     else:
-        xyz = 0.15 * u + np.where(np.arange(N)[:, None] % 2, 1.0, -1.0) * [1.0, 0.0, 0.0]  # two blobs
+        # two blobs
+        xyz = 0.15 * u + np.where(np.arange(N)[:, None] % 2, 1.0, -1.0) * [1.0, 0.0, 0.0]
     xyz = xyz * rng.uniform(0.5, 3.0) + rng.uniform(-5, 5, 3)
     normals = rng.standard_normal((N, 3))
-    return np.concatenate([xyz, normals / np.linalg.norm(normals, axis=1, keepdims=True)], 1).astype(np.float32)
+    return np.concatenate([xyz, normals / np.linalg.norm(normals, axis=1, keepdims=True)],
+                          1).astype(np.float32)
 
 
 def write_fold(path, way, shot, seed, n_train=None, n_test=None):
-    """One fold file: `way` families as its classes, `shot` training and 20 test shapes each (or other counts)."""
+    """One fold file: `way` families as its classes, `shot` training and 20 test shapes each (or
+    other counts)."""
     rng = np.random.default_rng(seed)
     classes = rng.choice(FAMILIES, way, replace=False)
-    fold = {subset: [(shape(int(c), rng), label, int(c)) for label, c in enumerate(classes) for _ in range(count)]
+    fold = {subset: [(shape(int(c), rng), label, int(c))
+                     for label, c in enumerate(classes) for _ in range(count)]
             for subset, count in (("train", shot), ("test", pointclouds.FOLD_QUERIES))}
     for subset, n in (("train", n_train), ("test", n_test)):
         if n is not None:
@@ -61,14 +68,16 @@ def write_fold(path, way, shot, seed, n_train=None, n_test=None):
 def write_folds(root, settings=SETTINGS):
     for way, shot in settings:
         for k in range(pointclouds.FOLDS):
-            write_fold(os.path.join(root, f"{way}way_{shot}shot", f"{k}.pkl"), way, shot, seed=100 * way + 10 * shot + k)
+            write_fold(os.path.join(root, f"{way}way_{shot}shot", f"{k}.pkl"), way, shot,
+                       seed=100 * way + 10 * shot + k)
     return str(root)
 
 
 @pytest.fixture(autouse=True)
 def one_thread():
-    """Many small forward passes: on a busy 2-core machine OpenMP's second thread waits for a CPU at every
-    parallel region, which made this file 5x slower; one thread computes the same and is steady."""
+    """Many small forward passes: on a busy 2-core machine OpenMP's second thread waits for a CPU at
+    every parallel region, which made this file 5x slower; one thread computes the same and is
+    steady."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -77,7 +86,8 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    """(fold folder, data root with a ModelNet40-layout benchmark, tiny checkpoint with its config)."""
+    """(fold folder, data root with a ModelNet40-layout benchmark, tiny checkpoint with its
+    config)."""
     tmp = tmp_path_factory.mktemp("fewshot")
     torch.manual_seed(0)
     m = TAMM(CONFIGS["tiny"])
@@ -87,14 +97,16 @@ def setup(tmp_path_factory):
 
 
 def flags(folds, root, ckpt, out):
-    """Only the folds: --episodes and --openshape-shots without values turn the other two protocols off."""
-    return ["--ckpt", ckpt, "--data", root, "--fewshot-folds", folds, "--tasks", "few-shot", "--episodes",
-            "--openshape-shots", "--num-points", str(N), "--precision", "fp32", "--device", "cpu", "--workers", "0",
-            "--batch-size", "64", "--out", str(out)]
+    """Only the folds: --episodes and --openshape-shots without values turn the other two protocols
+    off."""
+    return ["--ckpt", ckpt, "--data", root, "--fewshot-folds", folds, "--tasks", "few-shot",
+            "--episodes", "--openshape-shots", "--num-points", str(N), "--precision", "fp32",
+            "--device", "cpu", "--workers", "0", "--batch-size", "64", "--out", str(out)]
 
 
 def hand_preprocessed(points):
-    """The release's preprocessing written out: xyz only, y/z swapped, centred, divided by the largest norm."""
+    """The release's preprocessing written out: xyz only, y/z swapped, centred, divided by the
+    largest norm."""
     xyz = points[:, :3].astype(np.float64)[:, [0, 2, 1]]
     xyz = xyz - xyz.mean(0)
     return xyz / np.linalg.norm(xyz, axis=1).max()
@@ -106,20 +118,26 @@ def sorted_rows(a):
 
 def test_fold_reader_preprocesses_as_the_release(tmp_path):
     fold = write_fold(str(tmp_path / "2way_2shot" / "0.pkl"), 2, 2, seed=7)
-    train, train_y, test, test_y = pointclouds.read_fewshot_fold(str(tmp_path / "2way_2shot" / "0.pkl"), 2, 2, seed=3)
-    assert train.shape == (4, N, 6) and test.shape == (40, N, 6) and train.dtype == test.dtype == torch.float32
+    train, train_y, test, test_y = pointclouds.read_fewshot_fold(
+        str(tmp_path / "2way_2shot" / "0.pkl"), 2, 2, seed=3)
+    assert (train.shape == (4, N, 6) and test.shape == (40, N, 6)
+            and train.dtype == test.dtype == torch.float32)
     assert train_y.tolist() == [label for _, label, _ in fold["train"]] == [0, 0, 1, 1]
     assert test_y.tolist() == [label for _, label, _ in fold["test"]]
-    assert torch.equal(train[..., 3:], torch.zeros(4, N, 3)) and torch.equal(test[..., 3:], torch.zeros(40, N, 3))
-    for got, (points, _, _) in zip(test, fold["test"]):  # the test shapes' points in their stored order
+    assert (torch.equal(train[..., 3:], torch.zeros(4, N, 3))
+            and torch.equal(test[..., 3:], torch.zeros(40, N, 3)))
+    # the test shapes' points in their stored order
+    for got, (points, _, _) in zip(test, fold["test"]):
         np.testing.assert_allclose(got[:, :3].numpy(), hand_preprocessed(points), atol=1e-6)
     for got, (points, _, _) in zip(train, fold["train"]):  # the training shapes' points shuffled
         expected = hand_preprocessed(points)
         assert not np.allclose(got[:, :3].numpy(), expected, atol=1e-6)
-        np.testing.assert_allclose(sorted_rows(got[:, :3].numpy()), sorted_rows(expected), atol=1e-6)
+        np.testing.assert_allclose(sorted_rows(got[:, :3].numpy()), sorted_rows(expected),
+                                   atol=1e-6)
     again = pointclouds.read_fewshot_fold(str(tmp_path / "2way_2shot" / "0.pkl"), 2, 2, seed=3)
     other = pointclouds.read_fewshot_fold(str(tmp_path / "2way_2shot" / "0.pkl"), 2, 2, seed=4)
-    assert torch.equal(again[0], train) and not torch.equal(other[0], train) and torch.equal(other[2], test)
+    assert (torch.equal(again[0], train) and not torch.equal(other[0], train)
+            and torch.equal(other[2], test))
 
 
 def test_fewshot_settings_finds_every_setting_and_ignores_other_folders(setup, tmp_path):
@@ -135,18 +153,22 @@ def test_evaluate_reports_every_setting_over_its_ten_folds(setup, tmp_path):
     folds, root, ckpt = setup
     r = evaluate.main(flags(folds, root, ckpt, tmp_path))
     fs = r["few_shot"]
-    assert fs["feature"] == "backbone"  # the release probes the 512-d encoder output (here the tiny 128-d one)
-    assert sorted(fs["settings"]) == ["folds 2-way 2-shot", "folds 3-way 1-shot"]  # no episodes, no openshape
+    # the release probes the 512-d encoder output (here the tiny 128-d one)
+    assert fs["feature"] == "backbone"
+    # no episodes, no openshape
+    assert sorted(fs["settings"]) == ["folds 2-way 2-shot", "folds 3-way 1-shot"]
     for s in fs["settings"].values():
         assert s["trials"] == 10 and 0 <= s["mean"] <= 1 and 0 <= s["std"] <= 1
-        assert s["mean"] > 0.8  # four families a random tiny encoder already tells apart; chance is 1/2 or 1/3
+        # four families a random tiny encoder already tells apart; chance is 1/2 or 1/3
+        assert s["mean"] > 0.8
     assert r["zero_shot"] == {}
     md = open(tmp_path / "eval_tiny.md").read()
     assert "| folds 2-way 2-shot |" in md and "| folds 3-way 1-shot |" in md
 
 
 def test_one_fold_is_the_probe_of_its_own_features(setup):
-    """Fold 0 of 2way_2shot through few_shot_folds equals the probe fitted by hand on the same features."""
+    """Fold 0 of 2way_2shot through few_shot_folds equals the probe fitted by hand on the same
+    features."""
     folds, _, ckpt = setup
     from checkpoint import load_pretrained
     from runtime import DistInfo
@@ -159,7 +181,8 @@ def test_one_fold_is_the_probe_of_its_own_features(setup):
     with torch.no_grad():
         x = torch.nn.functional.normalize(m(torch.cat([train, test]))["backbone"].double(), dim=1)
     expected = fewshot.linear_probe(x[:4], train_y, x[4:], test_y)
-    assert got["trials"] == 1 and got["mean"] == pytest.approx(expected, abs=1e-9) and got["std"] == 0
+    assert (got["trials"] == 1 and got["mean"] == pytest.approx(expected, abs=1e-9)
+            and got["std"] == 0)
 
 
 def break_fold(folds, how):
@@ -197,10 +220,11 @@ def break_fold(folds, how):
     return path
 
 
-@pytest.mark.parametrize("how", ["missing", "list", "no_test", "too_few_train", "too_many_test", "ragged", "label",
-                                 "not_a_pickle"])
+@pytest.mark.parametrize("how", ["missing", "list", "no_test", "too_few_train", "too_many_test",
+                                 "ragged", "label", "not_a_pickle"])
 def test_bad_fold_folder_is_one_line_naming_the_file(setup, tmp_path, capsys, monkeypatch, how):
-    """Found where the arguments are parsed: before the model loads (the zero-shot run would come first)."""
+    """Found where the arguments are parsed: before the model loads (the zero-shot run would come
+    first)."""
     folds, root, ckpt = setup
     copy = str(tmp_path / "folds")
     shutil.copytree(os.path.join(folds, "2way_2shot"), os.path.join(copy, "2way_2shot"))

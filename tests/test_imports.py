@@ -1,7 +1,9 @@
 """Imports point one way, read from the AST of every file (imports inside functions included):
 
-  method files (the paper: encoder, grouping, kernels, adapters, loss, few-shot probe) import only each other;
-  plumbing (data, checkpoint, files, command line, runtime, training) imports method files and plumbing;
+  method files (the paper: encoder, grouping, kernels, adapters, loss, few-shot probe) import only
+    each other;
+  plumbing (data, checkpoint, files, command line, runtime, training) imports method files and
+    plumbing;
   only the entry points import tools/, and nothing in the project forms a cycle, tools/ included.
 """
 import ast
@@ -25,7 +27,8 @@ def project_modules():
 
 
 def imports_of(path, modules):
-    """The project modules a file imports anywhere in it (`from tools import x` counts as tools.x)."""
+    """The project modules a file imports anywhere in it (`from tools import x` counts as
+    tools.x)."""
     found = set()
     for node in ast.walk(ast.parse(open(path).read())):
         if isinstance(node, ast.Import):
@@ -88,4 +91,5 @@ def test_no_cycles_anywhere():
 def test_the_checker_sees_function_level_imports(tmp_path):
     source = tmp_path / "x.py"
     source.write_text("def f():\n    from tools import synthetic\n    import data\n")
-    assert imports_of(str(source), {"tools.synthetic": "", "data": ""}) == {"tools.synthetic", "data"}
+    assert (imports_of(str(source), {"tools.synthetic": "", "data": ""})
+            == {"tools.synthetic", "data"})

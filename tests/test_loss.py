@@ -1,5 +1,6 @@
-"""contrastive_loss against the definition, tools/reference.py's per_target_loss (the release's loop over the
-targets): values, gradients (anchors, targets, temperature), mask, DDP (2 gloo processes), bf16 autocast."""
+"""contrastive_loss against the definition, tools/reference.py's per_target_loss (the release's loop
+over the targets): values, gradients (anchors, targets, temperature), mask, DDP (2 gloo processes),
+bf16 autocast."""
 import contextlib
 import os
 import socket
@@ -16,7 +17,8 @@ from tools.reference import per_target_loss
 def inputs(P=5, B=24, D=32, seed=0):
     g = torch.Generator().manual_seed(seed)
     a = torch.randn(P, B, D, generator=g).requires_grad_()
-    t = (a.detach() + 1.5 * torch.randn(P, B, D, generator=g)).requires_grad_()  # correlated: non-trivial accuracy
+    # correlated: non-trivial accuracy
+    t = (a.detach() + 1.5 * torch.randn(P, B, D, generator=g)).requires_grad_()
     log_scale = torch.tensor(2.3, requires_grad=True)
     return a, t, log_scale
 
@@ -65,7 +67,8 @@ def test_fully_masked_target_contributes_nothing():
 def test_accuracy_and_count():
     a = torch.randn(3, 10, 16, generator=torch.Generator().manual_seed(0))
     t = a.clone()
-    t[:, :4] = a[:, [1, 2, 3, 0]]  # anchor i < 4 finds its copy at target i - 1: wrong; anchors 4..9 are right
+    # anchor i < 4 finds its copy at target i - 1: wrong; anchors 4..9 are right
+    t[:, :4] = a[:, [1, 2, 3, 0]]
     mask = torch.ones(3, 10, dtype=torch.bool)
     mask[2, 4:6] = False  # two right ones without the third target
     out = contrastive_loss(a, t, torch.tensor(50.0), mask)
@@ -86,11 +89,14 @@ def test_bf16_autocast_inputs_give_the_float32_result():
 
 
 def test_no_host_synchronisation(monkeypatch):
-    """On the meta device every value-dependent step (.item(), bool(tensor), a data-dependent shape) raises."""
-    monkeypatch.setattr(torch, "autocast", lambda *args, **kw: contextlib.nullcontext())  # no autocast on meta
+    """On the meta device every value-dependent step (.item(), bool(tensor), a data-dependent shape)
+    raises."""
+    # no autocast on meta
+    monkeypatch.setattr(torch, "autocast", lambda *args, **kw: contextlib.nullcontext())
     a = torch.empty(5, 24, 32, device="meta", requires_grad=True)
     mask = torch.empty(5, 24, dtype=torch.bool, device="meta")
-    out = contrastive_loss(a, torch.empty(5, 24, 32, device="meta"), torch.empty((), device="meta"), mask)
+    out = contrastive_loss(a, torch.empty(5, 24, 32, device="meta"), torch.empty((), device="meta"),
+                           mask)
     (grad,) = torch.autograd.grad(out.loss, [a])
     assert grad.shape == a.shape and out.count.shape == out.accuracy.shape == (5,)
 
@@ -119,8 +125,9 @@ def _worker(rank, world, port, a, t, mask, out_dir):
     # what DDP does with parameter gradients: average over ranks
     grad_scale = log_scale.grad.clone()
     dist.all_reduce(grad_scale)
-    torch.save(dict(calls=calls, loss=out.loss.item(), per_target=out.per_target, accuracy=out.accuracy,
-                    count=out.count, a=la.grad / world, t=lt.grad / world, scale=grad_scale / world),
+    torch.save(dict(calls=calls, loss=out.loss.item(), per_target=out.per_target,
+                    accuracy=out.accuracy, count=out.count, a=la.grad / world, t=lt.grad / world,
+                    scale=grad_scale / world),
                os.path.join(out_dir, f"{rank}.pt"))
     dist.destroy_process_group()
 
@@ -135,11 +142,15 @@ def test_two_processes_equal_one_process_on_the_concatenated_batch(tmp_path):
     a1, t1 = a.clone().requires_grad_(), t.clone().requires_grad_()
     ref, ref_acc = per_target_loss(a1, t1, log_scale.exp(), mask)
     ref.backward()
-    assert abs(sum(r["loss"] for r in results) / 2 - ref.item()) < 1e-5  # mean of the rank losses = global loss
+    # mean of the rank losses = global loss
+    assert abs(sum(r["loss"] for r in results) / 2 - ref.item()) < 1e-5
     for r in results:
         assert r["calls"] == [1, 1]  # one all_gather per call, whatever P
-        assert torch.allclose(r["per_target"].sum(), ref, atol=1e-5) and torch.allclose(r["accuracy"], ref_acc)
-        assert torch.equal(r["count"], mask.sum(1)) and torch.allclose(r["scale"], log_scale.grad, atol=1e-5)
-    # gradients w.r.t. each rank's features, scaled like DDP's average, equal the single-process gradients
+        assert torch.allclose(r["per_target"].sum(), ref, atol=1e-5)
+        assert torch.allclose(r["accuracy"], ref_acc)
+        assert torch.equal(r["count"], mask.sum(1))
+        assert torch.allclose(r["scale"], log_scale.grad, atol=1e-5)
+    # gradients w.r.t. each rank's features, scaled like DDP's average, equal the single-process
+    # gradients
     assert torch.allclose(torch.cat([r["a"] for r in results], 1), a1.grad, atol=1e-6)
     assert torch.allclose(torch.cat([r["t"] for r in results], 1), t1.grad, atol=1e-6)

@@ -1,4 +1,5 @@
-"""The point encoder: sizes, and grouping index for index against the PointNet++ reference (tools/reference.py)."""
+"""The point encoder: sizes, and grouping index for index against the PointNet++ reference
+(tools/reference.py)."""
 import pytest
 import torch
 
@@ -14,7 +15,7 @@ def unit_cloud(B, N, seed=0):
     return torch.cat([xyz, torch.rand(B, N, 3, generator=g)], -1)
 
 
-# ---- sizes ---------------------------------------------------------------------------------------------
+# ---- sizes ---------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("scaling", [1, 2, 3, 4, 5, 6, "tiny"])
 def test_output_shape_every_size(scaling):
@@ -31,13 +32,14 @@ def test_parameter_count_scaling4_is_exact():
     assert sum(p.numel() for p in enc.parameters()) == 31_669_440
 
 
-@pytest.mark.parametrize("scaling,millions", [(1, 4.77), (2, 12.69), (3, 25.30), (5, 71.09), (6, 170.28)])
+@pytest.mark.parametrize("scaling,millions",
+                         [(1, 4.77), (2, 12.69), (3, 25.30), (5, 71.09), (6, 170.28)])
 def test_parameter_counts_match_table(scaling, millions):
     n = sum(p.numel() for p in model.PointBert(model.CONFIGS[scaling]).parameters())
     assert round(n / 1e6, 2) == millions
 
 
-# ---- grouping --------------------------------------------------------------------------------------------
+# ---- grouping ------------------------------------------------------------------------------------
 
 def test_fps_matches_reference_loop():
     xyz = unit_cloud(3, 2000, seed=1)[..., :3]
@@ -52,11 +54,13 @@ def test_fps_starts_at_zero_and_random_start_is_opt_in():
     torch.manual_seed(0)
     centres, _ = grouping.group(xyz, xyz, 8, 0.3, 4, random_start=True, backend="torch")
     torch.manual_seed(0)
-    drawn = torch.randint(0, 500, (4,))  # the same draw: the first centre of cloud b is its point drawn[b]
+    # the same draw: the first centre of cloud b is its point drawn[b]
+    drawn = torch.randint(0, 500, (4,))
     assert (drawn != 0).any() and torch.equal(centres[:, 0], xyz[torch.arange(4), drawn])
 
 
-@pytest.mark.parametrize("radius,k,max_elements", [(0.2, 64, 2 ** 24), (0.35, 16, 5000), (0.05, 8, 2 ** 24)])
+@pytest.mark.parametrize("radius,k,max_elements",
+                         [(0.2, 64, 2 ** 24), (0.35, 16, 5000), (0.05, 8, 2 ** 24)])
 def test_ball_query_matches_sort_reference(radius, k, max_elements):
     xyz = unit_cloud(2, 3000, seed=3)[..., :3]
     centres = grouping.index_points(xyz, grouping.farthest_point_sample(xyz, 100))
@@ -71,8 +75,8 @@ def test_reference_index_points_matches_gather():
 
 
 def test_ball_query_takes_first_k_by_index_not_nearest():
-    # Documented behaviour (OpenShape shuffles points in training because of it): the output depends on
-    # point order. Points 0..9 lie at distance 0.09, points 10..19 at 0.01 from the centre.
+    # Documented behaviour (OpenShape shuffles points in training because of it): the output depends
+    # on point order. Points 0..9 lie at distance 0.09, points 10..19 at 0.01 from the centre.
     far = torch.tensor([[0.09, 0.0, 0.0]]).repeat(10, 1)
     near = torch.tensor([[0.01, 0.0, 0.0]]).repeat(10, 1)
     xyz = torch.cat([far, near, torch.tensor([[5.0, 5.0, 5.0]])]).unsqueeze(0)
@@ -90,8 +94,10 @@ def test_shuffled_points_change_output_only_through_grouping():
     perm = torch.randperm(1024)
     with torch.no_grad():
         a, b = enc(pts), enc(pts[:, perm])
-    assert not torch.allclose(a, b, atol=1e-4)  # index-order ball query + FPS start: not permutation invariant
-    with torch.no_grad():  # ...but keeping point 0 first and the rest in order is the identity permutation
+    # index-order ball query + FPS start: not permutation invariant
+    assert not torch.allclose(a, b, atol=1e-4)
+    # ...but keeping point 0 first and the rest in order is the identity permutation
+    with torch.no_grad():
         assert torch.allclose(a, enc(pts.clone()), atol=0)
 
 
@@ -105,13 +111,15 @@ def test_grouping_stays_fp32_under_autocast():
 
 @pytest.mark.parametrize("heads", ["dual", "openshape"])
 def test_heads_run_in_fp32_under_autocast(heads):
-    """bf16 inference rounds the encoder only: the heads see the encoder feature in fp32 and give the fp32
-    result of their own weights (the same as running them alone on that feature)."""
+    """bf16 inference rounds the encoder only: the heads see the encoder feature in fp32 and give
+    the fp32 result of their own weights (the same as running them alone on that feature)."""
     torch.manual_seed(0)
     m = model.TAMM(model.CONFIGS["tiny"], clip_dim=64, head_type=heads).eval()
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         out = m(unit_cloud(2, 512))
-    assert out["backbone"].dtype == torch.bfloat16 and out["image"].dtype == out["text"].dtype == torch.float32
+    assert out["backbone"].dtype == torch.bfloat16
+    assert out["image"].dtype == out["text"].dtype == torch.float32
     with torch.no_grad():
-        alone = m.adapters(out["backbone"].float()) if heads == "dual" else (m.proj(out["backbone"].float()),) * 2
+        alone = (m.adapters(out["backbone"].float()) if heads == "dual"
+                 else (m.proj(out["backbone"].float()),) * 2)
     assert torch.equal(alone[0], out["image"]) and torch.equal(alone[1], out["text"])

@@ -1,10 +1,11 @@
 """Every command in README.md runs, so the README cannot rot.
 
-Commands are taken from the ```bash blocks in order and run in a scratch folder with three substitutions that
-keep them small and offline: the data root becomes the tiny synthetic world, torchrun uses 2 local CPU
-processes, and each script gets flags for a tiny run appended (argparse lets the last value win). Commands
-that need the network (download, released weights, CLIP weights) must fail the way a user without network
-sees it: exit code 2 and one line. The quick start itself runs verbatim in .ci/run.
+Commands are taken from the ```bash blocks in order and run in a scratch folder with three
+substitutions that keep them small and offline: the data root becomes the tiny synthetic world,
+torchrun uses 2 local CPU processes, and each script gets flags for a tiny run appended (argparse
+lets the last value win). Commands that need the network (download, released weights, CLIP weights)
+must fail the way a user without network sees it: exit code 2 and one line. The quick start itself
+runs verbatim in .ci/run.
 """
 import os
 import re
@@ -19,7 +20,8 @@ from conftest import TINY_TRAIN
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = {
-    "train_stage1.py": ["--preset", "demo", "--epochs", "1", "--batch-size", "16", "--holdout", "8", "--workers", "0"],
+    "train_stage1.py": ["--preset", "demo", "--epochs", "1", "--batch-size", "16", "--holdout", "8",
+                        "--workers", "0"],
     "train_stage2.py": [*TINY_TRAIN, "--max-steps", "2", "--val", "none"],
     "evaluate.py": ["--tasks", "zero-shot", "--num-points", "256", "--workers", "0"],
 }
@@ -29,7 +31,8 @@ NEEDS_NETWORK = ("tools.download", "tamm-ensemble", "openshape-pointbert", "laio
 
 def readme_commands():
     text = open(os.path.join(REPO, "README.md")).read()
-    lines = [line.strip() for block in re.findall(r"```bash\n(.*?)```", text, re.S) for line in block.splitlines()]
+    lines = [line.strip() for block in re.findall(r"```bash\n(.*?)```", text, re.S)
+             for line in block.splitlines()]
     commands = [c.strip() for line in lines if line for c in line.split("&&")]
     return [c for c in commands if not c.startswith("pip install") and c != "python -m pytest -q"]
 
@@ -39,14 +42,17 @@ def adapt(command, world, port):
     argv = shlex.split(command.replace("/data/openshape", str(world)))
     if argv[0] == "torchrun":
         argv = [sys.executable, "-m", "torch.distributed.run", *argv[1:]]
-        argv = [a.replace("--nproc_per_node=8", "--nproc_per_node=2").replace("--nnodes=2", "--nnodes=1")
+        argv = [a.replace("--nproc_per_node=8", "--nproc_per_node=2")
+                .replace("--nnodes=2", "--nnodes=1")
                 for a in argv]
-        argv = [re.sub(r"--rdzv-endpoint=\S+", f"--rdzv-endpoint=localhost:{port}", a) for a in argv]
+        argv = [re.sub(r"--rdzv-endpoint=\S+", f"--rdzv-endpoint=localhost:{port}", a)
+                for a in argv]
         if not any(a.startswith("--rdzv") for a in argv):
             argv.insert(3, "--standalone")
     else:
         argv[0] = sys.executable
-    if argv[1] == "-m" and argv[2].startswith("tools."):  # a tool: `python -m tools.x` finds it through PYTHONPATH (set by the test)
+    # a tool: `python -m tools.x` finds it through PYTHONPATH (set by the test)
+    if argv[1] == "-m" and argv[2].startswith("tools."):
         return argv
     script = next(a for a in argv if a.endswith(".py"))
     argv[argv.index(script)] = os.path.join(REPO, script)
@@ -73,16 +79,20 @@ def test_every_readme_command_runs(tiny_world, tmp_path):
     xyz = np.random.default_rng(0).random((400, 3)).astype(np.float32)
     np.save(tmp_path / "lamp.npy", xyz)
     with open(tmp_path / "chair.ply", "w") as f:
-        f.write("ply\nformat ascii 1.0\nelement vertex 400\nproperty float x\nproperty float y\nproperty float z\n"
+        f.write("ply\nformat ascii 1.0\nelement vertex 400\n"
+                "property float x\nproperty float y\nproperty float z\n"
                 "end_header\n" + "\n".join(" ".join(map(str, p)) for p in xyz) + "\n")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
     for command in commands:
         argv = adapt(command, tiny_world, free_port())
-        proc = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        proc = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True,
+                              timeout=300)
         if any(k in command for k in NEEDS_NETWORK):
             err = proc.stderr.strip().splitlines()
-            assert proc.returncode == 2 and err and err[-1].startswith("error:"), (command, proc.stderr[-1500:])
+            assert proc.returncode == 2 and err and err[-1].startswith("error:"), (
+                command, proc.stderr[-1500:])
             assert "Traceback" not in proc.stderr, command
         else:
             assert proc.returncode == 0, (command, proc.stderr[-3000:])
-    assert (tmp_path / "feats.npz").exists() and (tmp_path / "runs" / "paper" / "stage2" / "latest.pt").exists()
+    assert (tmp_path / "feats.npz").exists()
+    assert (tmp_path / "runs" / "paper" / "stage2" / "latest.pt").exists()

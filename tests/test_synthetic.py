@@ -1,6 +1,6 @@
-"""The synthetic world (synthetic.py): determinism, the release format, disjoint sets, cache rebuilds, and the
-three properties of the simulated teacher (raw render features are off, a CIA fixes them, class names match
-the texts)."""
+"""The synthetic world (synthetic.py): determinism, the release format, disjoint sets, cache
+rebuilds, and the three properties of the simulated teacher (raw render features are off, a CIA
+fixes them, class names match the texts)."""
 import hashlib
 import json
 
@@ -9,19 +9,21 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tools import synthetic
 from adapters import ClipImageAdapter
 from files import BadInput
+from tools import synthetic
 
 SMALL = dict(num_shapes=96, num_points=512, num_test_per_class=4)
 TINY = dict(num_shapes=12, num_points=64, num_test_per_class=1, progress=False)
-SHAPE_KEYS = {"dataset", "group", "id", "xyz", "rgb", "image_feat", "text", "text_feat", "blip_caption",
-              "msft_caption", "blip_caption_feat", "msft_caption_feat", "retrieval_text", "retrieval_text_feat"}
+SHAPE_KEYS = {"dataset", "group", "id", "xyz", "rgb", "image_feat", "text", "text_feat",
+              "blip_caption", "msft_caption", "blip_caption_feat", "msft_caption_feat",
+              "retrieval_text", "retrieval_text_feat"}
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    return synthetic.build_world(tmp_path_factory.mktemp("w") / "world", **SMALL, seed=0, progress=False)
+    return synthetic.build_world(tmp_path_factory.mktemp("w") / "world", **SMALL, seed=0,
+                                 progress=False)
 
 
 def _load(root, data_path):
@@ -50,7 +52,8 @@ def test_same_seed_same_bytes_other_seed_other_world(world, tmp_path):
     other = synthetic.build_world(tmp_path / "other", **SMALL, seed=1, progress=False)
     (a, _), (b, _) = _train(world), _train(other)
     assert {e["id"] for e in a}.isdisjoint(e["id"] for e in b)
-    assert not np.array_equal(_load(world, a[0]["data_path"])["xyz"], _load(other, b[0]["data_path"])["xyz"])
+    assert not np.array_equal(_load(world, a[0]["data_path"])["xyz"],
+                              _load(other, b[0]["data_path"])["xyz"])
 
 
 def _check_feat_dict(d):
@@ -61,7 +64,8 @@ def _check_feat_dict(d):
 
 def test_training_shapes_follow_the_release_format(world):
     split, labels = _train(world)
-    assert len(split) == SMALL["num_shapes"] and {e["dataset"] for e in split} == {"Objaverse", "ShapeNet"}
+    assert len(split) == SMALL["num_shapes"]
+    assert {e["dataset"] for e in split} == {"Objaverse", "ShapeNet"}
     flags = json.loads((world / "meta_data/gpt4_filtering.json").read_text())
     for e, label in zip(split, labels):
         assert set(e) == {"id", "data_path", "dataset", "group"}
@@ -78,18 +82,24 @@ def test_training_shapes_follow_the_release_format(world):
         if objaverse:
             assert d["thumbnail_feat"].shape == (1280,) and flags[e["id"]]["flag"] in "YN"
         assert d["text"] and all(type(t) is str for t in d["text"] + d["retrieval_text"])
-        assert len(d["text_feat"]) == len(d["text"]) and len(d["retrieval_text_feat"]) == len(d["retrieval_text"])
-        for f in d["text_feat"] + d["retrieval_text_feat"] + [d["blip_caption_feat"], d["msft_caption_feat"]]:
+        assert len(d["text_feat"]) == len(d["text"])
+        assert len(d["retrieval_text_feat"]) == len(d["retrieval_text"])
+        for f in (d["text_feat"] + d["retrieval_text_feat"]
+                  + [d["blip_caption_feat"], d["msft_caption_feat"]]):
             _check_feat_dict(f)
-        assert type(d["blip_caption"]) is str and d["blip_caption"] and type(d["msft_caption"]) is str
-        if synthetic.CATEGORIES[label] in ("bottle", "guitar"):  # tall shapes: height is the stored y axis
+        assert type(d["blip_caption"]) is str and d["blip_caption"]
+        assert type(d["msft_caption"]) is str
+        # tall shapes: height is the stored y axis
+        if synthetic.CATEGORIES[label] in ("bottle", "guitar"):
             extent = np.ptp(d["xyz"], axis=0)
             assert extent[1] > max(extent[0], extent[2])
     assert "N" in {f["flag"] for f in flags.values()}
     assert {e["id"] for e in split if e["dataset"] == "Objaverse"} <= set(flags)
     shapes = [_load(world, e["data_path"]) for e in split]
-    assert any(not d["msft_caption"] for d in shapes) and any(not d["retrieval_text"] for d in shapes)
-    shapenet = json.loads((world / "meta_data/split/ablation/train_shapenet_only.json").read_text())
+    assert any(not d["msft_caption"] for d in shapes)
+    assert any(not d["retrieval_text"] for d in shapes)
+    shapenet = json.loads(
+        (world / "meta_data/split/ablation/train_shapenet_only.json").read_text())
     assert shapenet == [e for e in split if e["dataset"] == "ShapeNet"]
 
 
@@ -113,18 +123,22 @@ def test_evaluation_sets_are_complete_and_aligned(world):
         assert sorted({e["category"] for e in split}) == sorted(names)
         for c in clouds:
             assert c["xyz"].shape == (512, 3) and c["rgb"].shape == (512, 3)
-            assert 1 < c["rgb"].max() <= 255 and c["rgb"].min() >= 0  # ModelNet40 stores rgb on 0-255
-        feats = np.load(world / "meta_data" / folder / "cat_name_pt_feat.npy", allow_pickle=True).item()
+            # ModelNet40 stores rgb on 0-255
+            assert 1 < c["rgb"].max() <= 255 and c["rgb"].min() >= 0
+        feats = np.load(world / "meta_data" / folder / "cat_name_pt_feat.npy",
+                        allow_pickle=True).item()
         assert list(feats) == names
         assert all(f["open_clip_text_feat"].shape == (1, 1280) for f in feats.values())
     lvis = json.loads((world / "meta_data/split/lvis.json").read_text())
-    assert len(lvis) == k * len(names) and all(set(e) == {"uid", "data_path", "category", "group"} for e in lvis)
+    assert len(lvis) == k * len(names)
+    assert all(set(e) == {"uid", "data_path", "category", "group"} for e in lvis)
     for e in lvis:
         d = _load(world, e["data_path"])
         assert d["id"] == e["uid"] and d["image_feat"].shape == (12, 1280) and "thumbnail_feat" in d
     lvis_feats = np.load(world / "meta_data/lvis_cat_name_pt_feat.npy")
     assert lvis_feats.shape == (len(names), 1280)
-    assert np.allclose(lvis_feats, _class_feats(world).numpy()[[names.index(c) for c in sorted(names)]])
+    assert np.allclose(lvis_feats,
+                       _class_feats(world).numpy()[[names.index(c) for c in sorted(names)]])
 
 
 def test_train_test_val_and_lvis_share_no_shape(world):
@@ -134,7 +148,8 @@ def test_train_test_val_and_lvis_share_no_shape(world):
     test = json.loads((world / "meta_data/modelnet40/test_split.json").read_text())
     val = json.loads((world / "meta_data/val/test_split.json").read_text())
     assert {e["name"] for e in test}.isdisjoint(e["name"] for e in val)
-    digests = [hashlib.sha1(_load(world, e["data_path"])["xyz"].tobytes()).digest() for e in split + lvis]
+    digests = [hashlib.sha1(_load(world, e["data_path"])["xyz"].tobytes()).digest()
+               for e in split + lvis]
     for folder in ("modelnet40", "val"):
         clouds = np.load(world / "meta_data" / folder / "test_pc.npy", allow_pickle=True)
         digests += [hashlib.sha1(c["xyz"].tobytes()).digest() for c in clouds]
@@ -183,10 +198,11 @@ def test_cli_builds_and_rejects_bad_sizes(tmp_path, capsys):
         synthetic.main(["--out", str(out), "--num-points", "0"])
 
 
-# ----------------------------------------------------------------------------- the simulated teacher
+# ---------------------------------------------------------------------------- the simulated teacher
 
 def _views_and_texts(root, split):
-    """Per shape: its 12 view features, and the candidate text features the stage-2 reader chooses from."""
+    """Per shape: its 12 view features, and the candidate text features the stage-2 reader chooses
+    from."""
     views, texts = [], []
     for e in split:
         d = _load(root, e["data_path"])
@@ -212,8 +228,10 @@ def test_raw_views_are_off_and_a_clip_image_adapter_fixes_them(world):
     classes = _class_feats(world)
     views, texts = _views_and_texts(world, split)
     held_out, _ = _views_and_texts(world, lvis)
-    raw_train, raw_held_out = _retrieval(views, labels, classes), _retrieval(held_out, lvis_labels, classes)
-    assert 0.25 < raw_train < 0.7 and 0.25 < raw_held_out < 0.7  # (a) the render gap is real, not total
+    raw_train, raw_held_out = (_retrieval(views, labels, classes),
+                               _retrieval(held_out, lvis_labels, classes))
+    # (a) the render gap is real, not total
+    assert 0.25 < raw_train < 0.7 and 0.25 < raw_held_out < 0.7
 
     cia = _train_cia(views, texts, steps=200)  # (b)
     adapted = _retrieval(held_out, lvis_labels, classes, cia)
@@ -221,13 +239,16 @@ def test_raw_views_are_off_and_a_clip_image_adapter_fixes_them(world):
 
 
 def _train_cia(views, texts, steps, batch=64):
-    """Stage 1 in miniature: a CIA trained with symmetric InfoNCE and a learnable temperature on (view, text)."""
+    """Stage 1 in miniature: a CIA trained with symmetric InfoNCE and a learnable temperature on
+    (view, text)."""
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
-    cia, log_scale = ClipImageAdapter(), torch.nn.Parameter(torch.tensor(np.log(1 / 0.07), dtype=torch.float32))
+    cia, log_scale = (ClipImageAdapter(),
+                      torch.nn.Parameter(torch.tensor(np.log(1 / 0.07), dtype=torch.float32)))
     opt = torch.optim.AdamW(list(cia.parameters()) + [log_scale], lr=1e-3)
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # matrices this small run 5-10x slower when two threads share a busy CPU
+    # matrices this small run 5-10x slower when two threads share a busy CPU
+    torch.set_num_threads(1)
     try:
         for _ in range(steps):
             idx = rng.choice(len(views), batch, replace=False)
@@ -250,12 +271,14 @@ def test_class_name_features_retrieve_the_texts_of_their_category(world):
     feats, targets = [], []
     for e, label in zip(split, labels):
         d = _load(world, e["data_path"])
-        usable = e["dataset"] == "ShapeNet" or flags[e["id"]]["flag"] == "Y"  # junk names are filtered
+        # junk names are filtered
+        usable = e["dataset"] == "ShapeNet" or flags[e["id"]]["flag"] == "Y"
         for f in (d["text_feat"] if usable else []) + [d["blip_caption_feat"]]:
             feats.append(f["prompt_avg"][0])
             targets.append(label)
         orig, avg = d["blip_caption_feat"]["original"][0], d["blip_caption_feat"]["prompt_avg"][0]
-        assert 0.7 < float(orig @ avg) < 0.999  # prompt_avg: a close but different version of original
+        # prompt_avg: a close but different version of original
+        assert 0.7 < float(orig @ avg) < 0.999
     pred = (F.normalize(torch.tensor(np.stack(feats)), dim=-1) @ classes.T).argmax(1)
     assert (pred == torch.tensor(targets)).float().mean() > 0.9
     assert torch.allclose(classes, _class_feats(world, "val"))
@@ -263,10 +286,14 @@ def test_class_name_features_retrieve_the_texts_of_their_category(world):
 
 
 def test_points_are_stored_in_random_order(world):
-    """TAMM evaluates on the first N points, so the first half of a cloud must cover the whole shape."""
+    """TAMM evaluates on the first N points, so the first half of a cloud must cover the whole
+    shape."""
     clouds = np.load(world / "meta_data" / "modelnet40" / "test_pc.npy", allow_pickle=True)
     for cloud in clouds[:10]:
         xyz = cloud["xyz"]
         half = xyz[: len(xyz) // 2]
-        spread = lambda x: np.percentile(x, 99, 0) - np.percentile(x, 1, 0)  # robust to the scan noise's tails
+
+        def spread(x):  # robust to the scan noise's tails
+            return np.percentile(x, 99, 0) - np.percentile(x, 1, 0)
+
         assert np.all(spread(half) > 0.9 * spread(xyz))

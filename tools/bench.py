@@ -1,29 +1,38 @@
-"""Speed, memory and kernel launches of our encoder, grouping and loss, beside release-style baselines.
+"""\
+Speed, memory and kernel launches of our encoder, grouping and loss, beside release-style baselines.
 
-Every timing runs both sides in this process on the same inputs: one warm-up call each (whose outputs are compared:
-identical FPS / ball-query indices, loss and gradients within 1e-5, encoder output within 1e-4 and gradients within
-1e-3 relative), then --repeats interleaved rounds A, B, A, B, ...; a row shows medians and the ratio baseline / ours
-(of time, peak memory or launches; for samples/s ours / baseline). The baselines are tools/reference.py (the
-release's PointNet++ grouping and attention, our weights) and loss.per_target_loss (the release's loop).
+Every timing runs both sides in this process on the same inputs: one warm-up call each (whose
+outputs are compared: identical FPS / ball-query indices, loss and gradients within 1e-5, encoder
+output within 1e-4 and gradients within 1e-3 relative), then --repeats interleaved rounds A, B, A,
+B, ...; a row shows medians and the ratio baseline / ours (of time, peak memory or launches; for
+samples/s ours / baseline). The baselines are tools/reference.py (the release's PointNet++ grouping
+and attention, our weights) and loss.per_target_loss (the release's loop).
 
 Peak extra memory: on CUDA max_memory_allocated around the call; on CPU a fresh child process from
-multiprocessing's forkserver (a child forked from here would inherit this heap) fixes glibc's mmap threshold at
-64 KiB (every tensor is its own mapping, released when freed), warms up, trims the heap, restarts the high-water
-mark (/proc/self/clear_refs 5) and reports VmHWM - VmRSS of one call, in MB (2**20 bytes).
+multiprocessing's forkserver (a child forked from here would inherit this heap) fixes glibc's mmap
+threshold at 64 KiB (every tensor is its own mapping, released when freed), warms up, trims the
+heap, restarts the high-water mark (/proc/self/clear_refs 5) and reports VmHWM - VmRSS of one call,
+in MB (2**20 bytes).
 
-Kernel launches: a TorchDispatchMode counts the aten operations of one training step (forward, loss, backward,
-optimizer step) that would each launch a kernel on a GPU (every op but views and allocations), and the host
-synchronisations among them. Ours is the CUDA path: the Triton grouping (kernels.py, one launch per kernel, run
-by Triton's interpreter on CPU in a subprocess) and fused AdamW; eager is the PyTorch grouping (what runs on CPU)
-with foreach AdamW; the release-style step adds the release's grouping, attention and per-target loss.
+Kernel launches: a TorchDispatchMode counts the aten operations of one training step (forward, loss,
+backward, optimizer step) that would each launch a kernel on a GPU (every op but views and
+allocations), and the host synchronisations among them. Ours is the CUDA path: the Triton grouping
+(kernels.py, one launch per kernel, run by Triton's interpreter on CPU in a subprocess) and fused
+AdamW; eager is the PyTorch grouping (what runs on CPU) with foreach AdamW; the release-style step
+adds the release's grouping, attention and per-target loss.
 
-Timing noise: on a busy machine with few cores, OpenMP's worker thread waits for a CPU at every parallel region,
-so loops of small ops slow down at random; --threads 1 gives steadier numbers there.
+Timing noise: on a busy machine with few cores, OpenMP's worker thread waits for a CPU at every
+parallel region, so loops of small ops slow down at random; --threads 1 gives steadier numbers
+there.
 
-    python -m tools.bench                              # CPU rows, 15-30 minutes on 2 cores; writes bench.json
-    python -m tools.bench --only loss launches         # some rows
-    python -m tools.bench --device cuda                # + the GPU rows
-    python -m tools.bench --quick                      # tiny sizes, for tests
+    # CPU rows, 15-30 minutes on 2 cores; writes bench.json
+    python -m tools.bench
+    # some rows
+    python -m tools.bench --only loss launches
+    # + the GPU rows
+    python -m tools.bench --device cuda
+    # tiny sizes, for tests
+    python -m tools.bench --quick
 """
 import collections
 import ctypes
@@ -51,14 +60,15 @@ from tools.reference import baseline_encoder, per_target_loss, release_ball_quer
 
 FULL = dict(ball=dict(B=16, S=384, N=10_000, k=64, radius=0.2), fps=dict(B=16, N=10_000, S=384),
             encoder=dict(scaling=4, B=8, N=10_000, repeats=3), eval=dict(scaling=4, B=8, N=10_000),
-            launches=dict(scaling=4, B=2, N=10_000), cuda=dict(scaling=4, B=50, N=10_000), reader_batches=10)
+            launches=dict(scaling=4, B=2, N=10_000), cuda=dict(scaling=4, B=50, N=10_000),
+            reader_batches=10)
 QUICK = dict(ball=dict(B=2, S=32, N=1000, k=16, radius=0.2), fps=dict(B=2, N=1000, S=32),
              encoder=dict(scaling="tiny", B=2, N=1024, repeats=3),
              eval=dict(scaling="tiny", B=2, N=1024), launches=dict(scaling="tiny", B=2, N=512),
              cuda=dict(scaling="tiny", B=4, N=1024), reader_batches=3)
 
 
-# ---- measuring ------------------------------------------------------------------------------------------
+# ---- measuring -----------------------------------------------------------------------------------
 
 def median_ratio(baseline, ours):
     """Medians of two lists of measurements and their ratio baseline / ours."""
@@ -82,7 +92,8 @@ def timed(fn, device):
 
 
 def interleaved(fns, repeats, device):
-    """One warm-up call of each fn, then `repeats` rounds A, B, ... -> ({name: warm-up output}, {name: [seconds]})."""
+    """One warm-up call of each fn, then `repeats` rounds A, B, ... -> ({name: warm-up output},
+    {name: [seconds]})."""
     outs, times = {name: fn() for name, fn in fns.items()}, {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
@@ -92,11 +103,13 @@ def interleaved(fns, repeats, device):
 
 def _vm(field):
     with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) / 1024 for line in f if line.startswith(field + ":"))  # kB -> MB
+        # kB -> MB
+        return next(int(line.split()[1]) / 1024 for line in f if line.startswith(field + ":"))
 
 
 def _child_peak(conn, build, args, side):
-    """In a fresh process: build the inputs, warm up, then VmHWM - VmRSS around one call (see the top)."""
+    """In a fresh process: build the inputs, warm up, then VmHWM - VmRSS around one call (see the
+    top)."""
     libc = ctypes.CDLL(None)
     libc.mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD
     fn = build(*args, torch.device("cpu"))[side]
@@ -121,7 +134,8 @@ def peak_extra_mb(build, args, side, device):
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - before) / 2 ** 20
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload([__name__])  # the server imports torch and this file once; children start warm
+    # the server imports torch and this file once; children start warm
+    ctx.set_forkserver_preload([__name__])
     receive, send = ctx.Pipe(duplex=False)
     child = ctx.Process(target=_child_peak, args=(send, build, args, side))
     child.start()
@@ -132,7 +146,8 @@ def peak_extra_mb(build, args, side, device):
         peak = None
     child.join()
     if child.exitcode != 0 or peak is None:
-        raise RuntimeError(f"memory measurement of {getattr(build, '__name__', build)} {side} failed (see stderr)")
+        raise RuntimeError(f"memory measurement of {getattr(build, '__name__', build)} {side} "
+                           f"failed (see stderr)")
     return peak
 
 
@@ -142,13 +157,15 @@ def close(a, b, rel):
 
 
 def row(name, what, size, target, baseline, ours, ratio, passed, equal=True, status=None, **extra):
-    status = status or ("PASS" if passed and equal else "MISS" if equal else "MISS (outputs differ)")
-    return dict(name=name, what=what, size=size, target=target, baseline=baseline, ours=ours, ratio=ratio,
-                status=status, equal=equal, **extra)
+    status = status or ("PASS" if passed and equal
+                        else "MISS" if equal else "MISS (outputs differ)")
+    return dict(name=name, what=what, size=size, target=target, baseline=baseline, ours=ours,
+                ratio=ratio, status=status, equal=equal, **extra)
 
 
 def ratio_row(name, what, size, target, measured, fmt, minimum, equal=True, **extra):
-    """A row of {"baseline": [...], "ours": [...]}: their medians shown by `fmt`, PASS at baseline / ours >= minimum."""
+    """A row of {"baseline": [...], "ours": [...]}: their medians shown by `fmt`, PASS at
+    baseline / ours >= minimum."""
     b, o, ratio = median_ratio(measured["baseline"], measured["ours"])
     return row(name, what, size, target, fmt(b), fmt(o), ratio, ratio >= minimum, equal, **extra)
 
@@ -169,7 +186,7 @@ def fmt_mb(mb):
     return f"{mb:.0f} MB"
 
 
-# ---- the operations timed (module level: the memory child imports them) ----------------------------------------
+# ---- the operations timed (module level: the memory child imports them) --------------------------
 
 def ball_query_ops(c, device):
     xyz = cloud(c["B"], c["N"], device)[..., :3]
@@ -180,12 +197,14 @@ def ball_query_ops(c, device):
 
 def fps_ops(c, device):
     xyz = cloud(c["B"], c["N"], device)[..., :3]
-    return {"baseline": lambda: release_fps(xyz, c["S"]), "ours": lambda: grouping.farthest_point_sample(xyz, c["S"])}
+    return {"baseline": lambda: release_fps(xyz, c["S"]),
+            "ours": lambda: grouping.farthest_point_sample(xyz, c["S"])}
 
 
 def train_step(enc, points):
-    """One encoder forward + backward (a squared-norm stand-in for the loss) -> output and gradients. autograd.grad:
-    the gradients live only as long as the result, so no call starts with the last one's allocated."""
+    """One encoder forward + backward (a squared-norm stand-in for the loss) -> output and
+    gradients. autograd.grad: the gradients live only as long as the result, so no call starts with
+    the last one's allocated."""
     out = enc(points)
     grads = torch.autograd.grad(out.float().square().mean(), list(enc.parameters()))
     return [out.detach().float(), *(g.float() for g in grads)]
@@ -203,21 +222,25 @@ def same_indices(outs):
 
 
 def same_step(a, b, rel=1e-4, grad_rel=1e-3):
-    """Encoder parity in fp32: outputs within `rel` of their scale, all gradients together within `grad_rel`
-    (relative L2): BatchNorm sums ~10^6 rows in another order; in float64 the two agree to 1e-15 (tests)."""
+    """Encoder parity in fp32: outputs within `rel` of their scale, all gradients together within
+    `grad_rel` (relative L2): BatchNorm sums ~10^6 rows in another order; in float64 the two agree
+    to 1e-15 (tests)."""
     ga, gb = torch.cat([g.flatten() for g in a[1:]]), torch.cat([g.flatten() for g in b[1:]])
     return close(a[0], b[0], rel) and bool((ga - gb).norm() <= grad_rel * gb.norm())
 
 
-# ---- kernel launches -------------------------------------------------------------------------------------
+# ---- kernel launches -----------------------------------------------------------------------------
 
-NO_KERNEL = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "lift_fresh", "detach",
-             "resize_", "set_", "_unsafe_view", "alias", "sym_size", "sym_stride", "sym_numel", "is_same_size"}
-SYNCS = {"_local_scalar_dense", "nonzero", "is_nonzero", "equal"}  # .item(), bool(tensor), data-dependent shapes
+NO_KERNEL = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "lift_fresh",
+             "detach", "resize_", "set_", "_unsafe_view", "alias", "sym_size", "sym_stride",
+             "sym_numel", "is_same_size"}
+# .item(), bool(tensor), data-dependent shapes
+SYNCS = {"_local_scalar_dense", "nonzero", "is_nonzero", "equal"}
 
 
 class LaunchCounter(TorchDispatchMode):
-    """Counts, per phase of a step, the aten operations that launch a kernel on a GPU and the host syncs."""
+    """Counts, per phase of a step, the aten operations that launch a kernel on a GPU and the host
+    syncs."""
 
     def __init__(self):
         super().__init__()
@@ -233,7 +256,8 @@ class LaunchCounter(TorchDispatchMode):
 
 
 def count_launches(side, c):
-    """Launches of one TAMM training step (scaling c, B, N) by phase, for side ours / eager / release."""
+    """Launches of one TAMM training step (scaling c, B, N) by phase, for side
+    ours / eager / release."""
     torch.manual_seed(0)
     m = model.TAMM(model.CONFIGS[c["scaling"]]).train()
     if side == "release":
@@ -256,7 +280,8 @@ def count_launches(side, c):
     if side == "ours":
         import kernels
         for name in ("farthest_point_sample", "ball_query", "group"):
-            def launch(*a, _fn=getattr(kernels, name), **kw):  # one kernel: one launch, whatever the interpreter does
+            # one kernel: one launch, whatever the interpreter does
+            def launch(*a, _fn=getattr(kernels, name), **kw):
                 counter.counts[counter.phase] += 1
                 counter.quiet += 1
                 try:
@@ -264,7 +289,8 @@ def count_launches(side, c):
                 finally:
                     counter.quiet -= 1
             setattr(kernels, name, launch)
-    optimizer = torch.optim.AdamW(m.parameters(), lr=1e-4, **({"fused": True} if side == "ours" else {"foreach": True}))
+    optimizer = torch.optim.AdamW(m.parameters(), lr=1e-4,
+                                  **({"fused": True} if side == "ours" else {"foreach": True}))
     points, targets = cloud(c["B"], c["N"], "cpu"), torch.randn(5, c["B"], 1280)
 
     def step():
@@ -290,31 +316,39 @@ def bench_launches(S, device, args, rates):
     """Each side in a subprocess: TRITON_INTERPRET=1 has to be set before kernels.py is imported."""
     c, counts = S["launches"], {}
     for side in ("ours", "eager", "release"):
-        code = f"import json; from tools import bench; print(json.dumps(bench.count_launches({side!r}, {c!r})))"
-        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ,
-                              "TRITON_INTERPRET": "1"}, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        code = (f"import json; from tools import bench; "
+                f"print(json.dumps(bench.count_launches({side!r}, {c!r})))")
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              env={**os.environ, "TRITON_INTERPRET": "1"},
+                              cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         if proc.returncode:
             raise RuntimeError(f"launch count of {side} failed: {proc.stderr[-2000:]}")
         counts[side] = json.loads(proc.stdout.strip().splitlines()[-1])
     total = {s: sum(v for k, v in n.items() if "syncs" not in k) for s, n in counts.items()}
-    size, o, e, r = f"scaling {c['scaling']} B={c['B']} N={c['N']}", counts["ours"], counts["eager"], counts["release"]
-    note = "; ".join(f"{s}: " + ", ".join(f"{k} {v}" for k, v in sorted(n.items())) for s, n in counts.items())
-    return [row("launches_grouping", "grouping launches per forward (FPS + ball query + gather)", size, "<= 4",
-                f"eager {e['grouping']}, release {r['grouping']}", str(o["grouping"]), e["grouping"] / o["grouping"],
-                o["grouping"] <= 4, counts=counts),
-            row("launches_step", "launches per training step (fwd, loss, bwd, AdamW)", size, "<= 1,200",
-                f"eager {total['eager']}, release {total['release']}", str(total["ours"]), total["eager"] / total["ours"],
-                total["ours"] <= 1200, note=note),
-            row("syncs_forward", "host syncs inside the forward", size, "0", f"eager {e.get('grouping syncs', 0)}",
+    size = f"scaling {c['scaling']} B={c['B']} N={c['N']}"
+    o, e, r = counts["ours"], counts["eager"], counts["release"]
+    note = "; ".join(f"{s}: " + ", ".join(f"{k} {v}" for k, v in sorted(n.items()))
+                     for s, n in counts.items())
+    return [row("launches_grouping", "grouping launches per forward (FPS + ball query + gather)",
+                size, "<= 4", f"eager {e['grouping']}, release {r['grouping']}",
+                str(o["grouping"]), e["grouping"] / o["grouping"], o["grouping"] <= 4,
+                counts=counts),
+            row("launches_step", "launches per training step (fwd, loss, bwd, AdamW)", size,
+                "<= 1,200", f"eager {total['eager']}, release {total['release']}",
+                str(total["ours"]), total["eager"] / total["ours"], total["ours"] <= 1200,
+                note=note),
+            row("syncs_forward", "host syncs inside the forward", size, "0",
+                f"eager {e.get('grouping syncs', 0)}",
                 str(o.get("grouping syncs", 0) + o.get("forward syncs", 0)), None,
                 o.get("grouping syncs", 0) + o.get("forward syncs", 0) == 0)]
 
 
-# ---- the rows -------------------------------------------------------------------------------------------
+# ---- the rows ------------------------------------------------------------------------------------
 
 def compare(build, c, device, repeats, mem_repeats):
     """Both sides of build(c, device): ({side: warm-up output}, {side: [s]}, {side: [peak MB]})."""
-    mem = {side: [peak_extra_mb(build, (c,), side, device) for _ in range(mem_repeats)] for side in build(c, device)}
+    mem = {side: [peak_extra_mb(build, (c,), side, device) for _ in range(mem_repeats)]
+           for side in build(c, device)}
     outs, times = interleaved(build(c, device), repeats, device) if repeats else ({}, {})
     return outs, times, mem
 
@@ -323,30 +357,35 @@ def bench_ball_query(S, device, args, rates):
     c = S["ball"]
     outs, times, mem = compare(ball_query_ops, c, device, args.repeats, args.mem_repeats)
     size, equal = f"B={c['B']} S={c['S']} N={c['N']} k={c['k']}", same_indices(outs)
-    return [ratio_row("ball_query_memory", "ball query peak memory", size, ">= 5x lower", mem, fmt_mb, 5, equal),
-            ratio_row("ball_query_time", "ball query time", size, ">= 3x faster", times, fmt_s, 3, equal)]
+    return [ratio_row("ball_query_memory", "ball query peak memory", size, ">= 5x lower", mem,
+                      fmt_mb, 5, equal),
+            ratio_row("ball_query_time", "ball query time", size, ">= 3x faster", times, fmt_s, 3,
+                      equal)]
 
 
 def bench_fps(S, device, args, rates):
     c = S["fps"]
     outs, times, _ = compare(fps_ops, c, device, args.repeats, 0)
-    return [ratio_row("fps_time", "FPS time", f"B={c['B']} N={c['N']} S={c['S']}", ">= 2x faster", times, fmt_s, 2,
-                      same_indices(outs))]
+    return [ratio_row("fps_time", "FPS time", f"B={c['B']} N={c['N']} S={c['S']}", ">= 2x faster",
+                      times, fmt_s, 2, same_indices(outs))]
 
 
 def bench_encoder(S, device, args, rates):
     c = S["encoder"]
-    outs, times, mem = compare(encoder_ops, c, device, min(args.repeats, c["repeats"]), min(args.mem_repeats, 1))
-    size, equal = f"scaling {c['scaling']} B={c['B']} N={c['N']}", same_step(outs["ours"], outs["baseline"])
+    outs, times, mem = compare(encoder_ops, c, device, min(args.repeats, c["repeats"]),
+                               min(args.mem_repeats, 1))
+    size = f"scaling {c['scaling']} B={c['B']} N={c['N']}"
+    equal = same_step(outs["ours"], outs["baseline"])
     rate = c["B"] / statistics.median(times["ours"])
     return [ratio_row("encoder_step_time", "encoder train step", size, ">= 1.15x samples/s", times,
                       lambda t: f"{c['B'] / t:.2f} /s", 1.15, equal, samples_per_s=rate),
-            ratio_row("encoder_step_memory", "encoder train step peak memory", size, ">= 1.3x lower", mem, fmt_mb, 1.3,
-                      equal)]
+            ratio_row("encoder_step_memory", "encoder train step peak memory", size,
+                      ">= 1.3x lower", mem, fmt_mb, 1.3, equal)]
 
 
 def bench_eval(S, device, args, rates):
-    """CPU inference in fp32 and in bf16 autocast (evaluate.py --precision), eval mode, and their agreement."""
+    """CPU inference in fp32 and in bf16 autocast (evaluate.py --precision), eval mode, and their
+    agreement."""
     c = S["eval"]
     torch.manual_seed(0)
     enc, pts = model.PointBert(model.CONFIGS[c["scaling"]]).eval(), cloud(c["B"], c["N"], "cpu")
@@ -354,24 +393,30 @@ def bench_eval(S, device, args, rates):
     def run(dtype):
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
             return enc(pts).float()
-    outs, times = interleaved({"fp32": lambda: run("fp32"), "bf16": lambda: run("bf16")}, args.repeats, torch.device("cpu"))
+    outs, times = interleaved({"fp32": lambda: run("fp32"), "bf16": lambda: run("bf16")},
+                              args.repeats, torch.device("cpu"))
     b, o, ratio = median_ratio(times["fp32"], times["bf16"])
     cos = torch.nn.functional.cosine_similarity(outs["fp32"], outs["bf16"]).min().item()
-    return [row("eval_bf16", "CPU eval samples/s, bf16 vs fp32", f"scaling {c['scaling']} B={c['B']} N={c['N']}",
-                ">= 1.5x, cosine >= 0.9999", f"{c['B'] / b:.2f} /s", f"{c['B'] / o:.2f} /s", ratio,
-                ratio >= 1.5 and cos >= 0.9999, note=f"min cosine of the backbone features bf16 vs fp32: {cos:.6f}")]
+    return [row("eval_bf16", "CPU eval samples/s, bf16 vs fp32",
+                f"scaling {c['scaling']} B={c['B']} N={c['N']}", ">= 1.5x, cosine >= 0.9999",
+                f"{c['B'] / b:.2f} /s", f"{c['B'] / o:.2f} /s", ratio,
+                ratio >= 1.5 and cos >= 0.9999,
+                note=f"min cosine of the backbone features bf16 vs fp32: {cos:.6f}")]
 
 
 def bench_cuda(S, device, args, rates):
-    """On a GPU: our step (bf16 autocast, SDPA, Triton grouping, fused AdamW) against the release-style fp32
-    step (no TF32); the grouping's share of our step; Triton against PyTorch grouping (time and agreement)."""
+    """On a GPU: our step (bf16 autocast, SDPA, Triton grouping, fused AdamW) against the
+    release-style fp32 step (no TF32); the grouping's share of our step; Triton against PyTorch
+    grouping (time and agreement)."""
     c = S["cuda"]
     size = f"scaling {c['scaling']} B={c['B']} N={c['N']}"
     if not torch.cuda.is_available():
-        return [row(n, w, size, t, "", "", None, False, None, "skipped", note="no CUDA device") for n, w, t in (
-            ("cuda_step", "training step, ours bf16 vs release-style fp32", ">= 3x samples/s"),
-            ("cuda_grouping_share", "grouping share of our step", "<= 10%"),
-            ("cuda_grouping_time", "FPS + ball query, Triton vs PyTorch", "report"))]
+        return [row(n, w, size, t, "", "", None, False, None, "skipped", note="no CUDA device")
+                for n, w, t in (
+                    ("cuda_step", "training step, ours bf16 vs release-style fp32",
+                     ">= 3x samples/s"),
+                    ("cuda_grouping_share", "grouping share of our step", "<= 10%"),
+                    ("cuda_grouping_time", "FPS + ball query, Triton vs PyTorch", "report"))]
     dev = torch.device("cuda")
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     torch.manual_seed(0)
@@ -382,53 +427,69 @@ def bench_cuda(S, device, args, rates):
     def ours_step():
         with torch.autocast("cuda", dtype=torch.bfloat16):
             return train_step(ours, pts)
-    groupings = {"torch": lambda: grouping.group(xyz, pts, cfg.num_patches, cfg.radius, cfg.k, backend="torch"),
-                 "triton": lambda: grouping.group(xyz, pts, cfg.num_patches, cfg.radius, cfg.k, backend="triton")}
-    outs, times = interleaved({"baseline": lambda: train_step(base, pts), "ours": ours_step, **groupings}, args.repeats, dev)
-    ot, share = statistics.median(times["ours"]), statistics.median(times["triton"]) / statistics.median(times["ours"])
+    groupings = {"torch": lambda: grouping.group(xyz, pts, cfg.num_patches, cfg.radius, cfg.k,
+                                                 backend="torch"),
+                 "triton": lambda: grouping.group(xyz, pts, cfg.num_patches, cfg.radius, cfg.k,
+                                                  backend="triton")}
+    outs, times = interleaved({"baseline": lambda: train_step(base, pts), "ours": ours_step,
+                               **groupings}, args.repeats, dev)
+    ot = statistics.median(times["ours"])
+    share = statistics.median(times["triton"]) / statistics.median(times["ours"])
     gt, gk, gr = median_ratio(times["torch"], times["triton"])
     agree = (outs["torch"][1] == outs["triton"][1]).float().mean().item()
     mem = {s: peak_extra_mb(encoder_ops, (c,), s, dev) for s in ("baseline", "ours")}
-    return [ratio_row("cuda_step", "training step, ours bf16 vs release-style fp32", size, ">= 3x samples/s", times,
-                      lambda t: f"{c['B'] / t:.1f} /s", 3, note=f"peak MB fp32 eager {mem}"),
+    return [ratio_row("cuda_step", "training step, ours bf16 vs release-style fp32", size,
+                      ">= 3x samples/s", times, lambda t: f"{c['B'] / t:.1f} /s", 3,
+                      note=f"peak MB fp32 eager {mem}"),
             row("cuda_grouping_share", "grouping share of our step", size, "<= 10%", "",
                 f"{100 * share:.1f}% of {fmt_s(ot)}", share, share <= 0.1),
-            row("cuda_grouping_time", "FPS + ball query + gather, Triton vs PyTorch", size, ">= 99.9% same neighbours",
-                fmt_s(gt), fmt_s(gk), gr, agree >= 0.999, note=f"grouped neighbours identical: {100 * agree:.3f}%")]
+            row("cuda_grouping_time", "FPS + ball query + gather, Triton vs PyTorch", size,
+                ">= 99.9% same neighbours", fmt_s(gt), fmt_s(gk), gr, agree >= 0.999,
+                note=f"grouped neighbours identical: {100 * agree:.3f}%")]
 
 
 def bench_data(S, device, args, rates):
-    """Samples/s of the training reader (TrainTriplets + 4 workers) next to the encoder step it feeds."""
+    """Samples/s of the training reader (TrainTriplets + 4 workers) next to the encoder step it
+    feeds."""
     c = S["encoder"]
     root = args.world or synthetic.ensure_world(progress=False)
-    loader, _ = data.make_train_loader(data.TrainTriplets(root, num_points=c["N"]), c["B"], workers=args.workers)
+    loader, _ = data.make_train_loader(data.TrainTriplets(root, num_points=c["N"]), c["B"],
+                                       workers=args.workers)
     batches = iter(loader)
     next(batches)  # worker start-up is not reading
-    t0, n = time.perf_counter(), sum(len(b["points"]) for _, b in zip(range(S["reader_batches"]), batches))
+    t0 = time.perf_counter()
+    n = sum(len(b["points"]) for _, b in zip(range(S["reader_batches"]), batches))
     rate, step = n / (time.perf_counter() - t0), rates.get("encoder")
     size = f"{args.workers} workers, B={c['B']}, N={c['N']}"
     if step is None:
-        return [row("data_reader", "data reader", size, "report", "", f"{rate:.1f} /s", None, True, status="info")]
-    return [row("data_reader", "data reader vs the encoder step", size, ">= 1x the step's samples/s",
-                f"step {step:.1f} /s", f"{rate:.1f} /s", rate / step, rate >= step, samples_per_s=rate)]
+        return [row("data_reader", "data reader", size, "report", "", f"{rate:.1f} /s", None, True,
+                    status="info")]
+    return [row("data_reader", "data reader vs the encoder step", size,
+                ">= 1x the step's samples/s", f"step {step:.1f} /s", f"{rate:.1f} /s", rate / step,
+                rate >= step, samples_per_s=rate)]
 
 
-# ---- output ---------------------------------------------------------------------------------------------
+# ---- output --------------------------------------------------------------------------------------
 
 def machine_info(device):
     with open("/proc/cpuinfo") as f:
-        cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), platform.machine())
-    info = dict(cpu=cpu, cores=os.cpu_count(), torch_threads=torch.get_num_threads(), torch=torch.__version__,
-                python=platform.python_version(), device=str(device), load_avg=[round(x, 2) for x in os.getloadavg()])
+        cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")),
+                   platform.machine())
+    info = dict(cpu=cpu, cores=os.cpu_count(), torch_threads=torch.get_num_threads(),
+                torch=torch.__version__, python=platform.python_version(), device=str(device),
+                load_avg=[round(x, 2) for x in os.getloadavg()])
     return info | ({"gpu": torch.cuda.get_device_name()} if torch.cuda.is_available() else {})
 
 
 def print_table(rows):
-    cols = [("what", 48), ("size", 26), ("target", 24), ("baseline", 28), ("ours", 22), ("ratio", 8), ("status", 6)]
+    cols = [("what", 48), ("size", 26), ("target", 24), ("baseline", 28), ("ours", 22),
+            ("ratio", 8), ("status", 6)]
     print("  ".join(name.ljust(w) for name, w in cols))
     for r in rows:
         vals = [r["what"], r["size"], r["target"], r["baseline"], r["ours"],
-                "" if r["ratio"] is None else f"{r['ratio']:.2f}" + ("" if "share" in r["name"] else "x"), r["status"]]
+                ("" if r["ratio"] is None
+                 else f"{r['ratio']:.2f}" + ("" if "share" in r["name"] else "x")),
+                r["status"]]
         print("  ".join(str(v).ljust(w) for v, (_, w) in zip(vals, cols)).rstrip())
     for r in rows:
         if "note" in r:
@@ -441,22 +502,29 @@ ROWS = {"ball_query": bench_ball_query, "fps": bench_fps, "encoder": bench_encod
 
 def main(argv=None):
     ap = Parser(__doc__.split("\n")[0])
-    ap.add_argument("--device", type=device_flag, default="cpu", help="cpu or cuda (the CUDA rows run whenever a GPU exists)")
-    ap.add_argument("--out", type=output_file, default="bench.json", help="JSON results (bench*.json is git-ignored)")
+    ap.add_argument("--device", type=device_flag, default="cpu",
+                    help="cpu or cuda (the CUDA rows run whenever a GPU exists)")
+    ap.add_argument("--out", type=output_file, default="bench.json",
+                    help="JSON results (bench*.json is git-ignored)")
     ap.add_argument("--quick", action="store_true", help="tiny sizes, for tests")
     ap.add_argument("--only", nargs="+", choices=list(ROWS), default=list(ROWS), help="rows to run")
-    ap.add_argument("--repeats", type=POSITIVE_INT, default=5, help="timed rounds per side, after one warm-up")
-    ap.add_argument("--mem-repeats", type=POSITIVE_INT, default=2, help="peak-memory measurements per side")
+    ap.add_argument("--repeats", type=POSITIVE_INT, default=5,
+                    help="timed rounds per side, after one warm-up")
+    ap.add_argument("--mem-repeats", type=POSITIVE_INT, default=2,
+                    help="peak-memory measurements per side")
     ap.add_argument("--workers", type=COUNT, default=4, help="data reader workers")
-    ap.add_argument("--world", type=existing_dir, help="synthetic world for the reader row (default: the cache)")
-    ap.add_argument("--threads", type=POSITIVE_INT, help="torch CPU threads (default: torch's choice)")
+    ap.add_argument("--world", type=existing_dir,
+                    help="synthetic world for the reader row (default: the cache)")
+    ap.add_argument("--threads", type=POSITIVE_INT,
+                    help="torch CPU threads (default: torch's choice)")
     args = ap.parse_args(argv)
     if args.world and "data" in args.only:
         data.check_split(args.world, "train_all")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    torch.backends.cudnn.allow_tf32 = False  # fp32 means fp32: the parity checks compare fp32 results
+    # fp32 means fp32: the parity checks compare fp32 results
+    torch.backends.cudnn.allow_tf32 = False
     S, info = QUICK if args.quick else FULL, machine_info(device)
     print("machine: " + " | ".join(f"{k} {v}" for k, v in info.items()), flush=True)
     rows, rates = [], {}
@@ -468,9 +536,11 @@ def main(argv=None):
         print(f"done: {name} ({time.perf_counter() - t0:.0f} s)", flush=True)
     print()
     print_table(rows)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)  # checked, not made, at parse time
+    # checked, not made, at parse time
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
-        json.dump(dict(machine=info, quick=args.quick, repeats=args.repeats, rows=rows), f, indent=1)
+        json.dump(dict(machine=info, quick=args.quick, repeats=args.repeats, rows=rows), f,
+                  indent=1)
     print(f"\nwrote {args.out}")
     return rows
 

@@ -1,5 +1,6 @@
-"""Point-cloud files: your own clouds (.npy, .npz, .ply ASCII or binary, .xyz, .txt, .csv) and Point-BERT's
-ModelNet40 few-shot folds, prepared as TAMM's evaluation prepares shapes (first N points, y/z swap, unit sphere).
+"""Point-cloud files: your own clouds (.npy, .npz, .ply ASCII or binary, .xyz, .txt, .csv) and
+Point-BERT's ModelNet40 few-shot folds, prepared as TAMM's evaluation prepares shapes (first N
+points, y/z swap, unit sphere).
 
 A library of evaluate.py (`--pc FILE_OR_FOLDER ...` and `--fewshot-folds DIR`), not a command.
 """
@@ -16,8 +17,9 @@ from files import BadInput
 
 EXTENSIONS = (".npy", ".npz", ".ply", ".xyz", ".txt", ".csv")
 
-PLY_TYPES = {"char": "i1", "int8": "i1", "uchar": "u1", "uint8": "u1", "short": "i2", "int16": "i2",
-             "ushort": "u2", "uint16": "u2", "int": "i4", "int32": "i4", "uint": "u4", "uint32": "u4",
+PLY_TYPES = {"char": "i1", "int8": "i1", "uchar": "u1", "uint8": "u1",
+             "short": "i2", "int16": "i2", "ushort": "u2", "uint16": "u2",
+             "int": "i4", "int32": "i4", "uint": "u4", "uint32": "u4",
              "float": "f4", "float32": "f4", "double": "f8", "float64": "f8"}
 PLY_FORMATS = {"ascii": None, "binary_little_endian": "<", "binary_big_endian": ">"}
 
@@ -41,11 +43,12 @@ def expand_paths(paths):
     return files
 
 
-# ---- PLY -------------------------------------------------------------------------------------------------
+# ---- PLY -----------------------------------------------------------------------------------------
 
 
 def _parse_ply_header(path, lines):
-    """PLY header lines -> (format, [(element, count, [(property, type) or (property, "list")])])."""
+    """PLY header lines -> (format, [(element, count, [(property, type) or
+    (property, "list")])])."""
     if not lines or lines[0].strip() != "ply":
         raise BadInput(f"{path}: bad PLY header (the file does not start with 'ply')")
     fmt = None
@@ -78,7 +81,8 @@ def read_ply(path):
     newline = raw.find(b"\n", end)
     if end < 0 or newline < 0:
         raise BadInput(f"{path}: bad PLY header (no 'end_header' line)")
-    fmt, elements = _parse_ply_header(path, raw[:end].decode("ascii", errors="replace").splitlines())
+    fmt, elements = _parse_ply_header(path,
+                                      raw[:end].decode("ascii", errors="replace").splitlines())
     names = [e[0] for e in elements]
     if "vertex" not in names:
         raise BadInput(f"{path}: bad PLY header (no 'element vertex')")
@@ -86,13 +90,16 @@ def read_ply(path):
     _, count, props = elements[names.index("vertex")]
     columns = [p[0] for p in props]
     if not {"x", "y", "z"} <= set(columns) or any(t == "list" for _, t in props):
-        raise BadInput(f"{path}: bad PLY header (vertex needs float x, y, z properties and no lists)")
+        raise BadInput(f"{path}: bad PLY header (vertex needs float x, y, z properties and "
+                       f"no lists)")
     body = raw[newline + 1 :]
     if fmt == "ascii":
-        rows = [line for line in body.decode("ascii", errors="replace").splitlines() if line.strip()]
+        rows = [line for line in body.decode("ascii", errors="replace").splitlines()
+                if line.strip()]
         start = sum(c for _, c, _ in before)
         try:
-            table = np.array([line.split() for line in rows[start : start + count]], dtype=np.float64)
+            table = np.array([line.split() for line in rows[start : start + count]],
+                             dtype=np.float64)
         except ValueError:
             raise BadInput(f"{path}: vertex lines are not {len(columns)} numbers each") from None
         if table.shape != (count, len(columns)):
@@ -101,25 +108,27 @@ def read_ply(path):
         values = {c: table[:, k] for k, c in enumerate(columns)}
     else:
         if any(t == "list" for _, _, ps in before for _, t in ps):
-            raise BadInput(f"{path}: binary PLY with list properties before the vertex element is not "
-                           f"supported")
+            raise BadInput(f"{path}: binary PLY with list properties before the vertex element is "
+                           f"not supported")
         endian = PLY_FORMATS[fmt]
         offset = sum(c * np.dtype([(n, endian + t) for n, t in ps]).itemsize for _, c, ps in before)
         dtype = np.dtype([(n, endian + t) for n, t in props])
         if len(body) < offset + count * dtype.itemsize:
-            raise BadInput(f"{path}: truncated PLY ({count} vertices of {dtype.itemsize} bytes announced)")
+            raise BadInput(f"{path}: truncated PLY ({count} vertices of {dtype.itemsize} bytes "
+                           f"announced)")
         table = np.frombuffer(body, dtype=dtype, count=count, offset=offset)
         values = {c: table[c] for c in columns}
     xyz = np.stack([values[c] for c in "xyz"], 1)
     rgb = None
     if {"red", "green", "blue"} <= set(columns):
         rgb = np.stack([values[c] for c in ("red", "green", "blue")], 1).astype(np.float64)
-        if dict(props)["red"] == "u1":  # uchar colours are 0-255 even when every value happens to be <= 1
+        # uchar colours are 0-255 even when every value happens to be <= 1
+        if dict(props)["red"] == "u1":
             rgb = rgb / 255
     return xyz, rgb
 
 
-# ---- arrays and text -------------------------------------------------------------------------------------
+# ---- arrays and text -----------------------------------------------------------------------------
 
 
 def _split_columns(path, arr):
@@ -135,9 +144,10 @@ def _numbers(line):
 
 
 def read_text(path):
-    """.xyz/.txt/.csv: one point per line, numbers separated by spaces, tabs, commas or semicolons; '#'
-    starts a comment. A first line of names (such as `x y z` or `x,y,z,red,green,blue`) picks the columns
-    by name; without one, 3 columns are xyz and 6 are xyz rgb (a 6th column is colour, not a normal)."""
+    """.xyz/.txt/.csv: one point per line, numbers separated by spaces, tabs, commas or semicolons;
+    '#' starts a comment. A first line of names (such as `x y z` or `x,y,z,red,green,blue`) picks
+    the columns by name; without one, 3 columns are xyz and 6 are xyz rgb (a 6th column is colour,
+    not a normal)."""
     header = None
     rows = []
     with open(path, errors="replace") as f:
@@ -158,8 +168,8 @@ def read_text(path):
     if header is None:
         return _split_columns(path, table)
     if len(header) != table.shape[1] or not set(XYZ_NAMES) <= set(header):
-        raise BadInput(f"{path}: the header {' '.join(header)!r} must name every column, x, y and z "
-                       f"among them")
+        raise BadInput(f"{path}: the header {' '.join(header)!r} must name every column, x, y "
+                       f"and z among them")
     xyz = table[:, [header.index(c) for c in XYZ_NAMES]]
     for names in RGB_NAMES:
         if set(names) <= set(header):
@@ -168,11 +178,12 @@ def read_text(path):
 
 
 def read_point_cloud(path):
-    """(xyz (N, 3), rgb (N, 3) in [0, 1]) float32 from .npy, .npz, .ply, .xyz, .txt or .csv; rgb 0.4 when
-    absent.
+    """(xyz (N, 3), rgb (N, 3) in [0, 1]) float32 from .npy, .npz, .ply, .xyz, .txt or .csv; rgb 0.4
+    when absent.
 
-    .npy: N x 3 or N x 6 (no pickles). .npz: arrays `xyz` (+ optional `rgb`), else `points`, else the first
-    array, read as .npy. Text: see read_text. rgb above 1 is taken to be on 0-255 and divided by 255."""
+    .npy: N x 3 or N x 6 (no pickles). .npz: arrays `xyz` (+ optional `rgb`), else `points`, else
+    the first array, read as .npy. Text: see read_text. rgb above 1 is taken to be on 0-255 and
+    divided by 255."""
     ext = os.path.splitext(path)[1].lower()
     if os.path.isdir(path):
         raise BadInput(f"{path}: is a folder (pass it to --pc to read the point clouds inside)")
@@ -188,14 +199,17 @@ def read_point_cloud(path):
                 if "xyz" in z.files:
                     xyz, rgb = z["xyz"], z["rgb"] if "rgb" in z.files else None
                 elif z.files:
-                    xyz, rgb = _split_columns(path, z["points" if "points" in z.files else z.files[0]])
+                    xyz, rgb = _split_columns(path,
+                                              z["points" if "points" in z.files else z.files[0]])
                 else:
                     raise BadInput(f"{path}: the .npz holds no arrays")
         elif ext in (".xyz", ".txt", ".csv"):
             xyz, rgb = read_text(path)
         else:
-            raise BadInput(f"{path}: unknown point-cloud format {ext!r} (use {', '.join(EXTENSIONS)})")
-    except (ValueError, OSError, EOFError) as e:  # numpy's messages for damaged, pickled or ragged files
+            raise BadInput(f"{path}: unknown point-cloud format {ext!r} "
+                           f"(use {', '.join(EXTENSIONS)})")
+    # numpy's messages for damaged, pickled or ragged files
+    except (ValueError, OSError, EOFError) as e:
         raise BadInput(f"{path}: cannot read ({type(e).__name__}: "
                        f"{str(e).splitlines()[0][:120]})") from None
     xyz = np.asarray(xyz, np.float64)
@@ -216,15 +230,17 @@ def read_point_cloud(path):
 def prepare_points(xyz, rgb, num_points, up="y"):
     """One cloud -> (num_points, 6) model input, as TAMM's evaluation prepares benchmark shapes.
 
-    The first `num_points` points; a smaller cloud keeps all its points and repeats randomly drawn ones
-    (seeded, so a file always gives the same features). `up` is the file's up axis: data.normalize swaps
-    y/z because the release is y-up, so a z-up file is swapped beforehand and the two swaps cancel."""
+    The first `num_points` points; a smaller cloud keeps all its points and repeats randomly drawn
+    ones (seeded, so a file always gives the same features). `up` is the file's up axis:
+    data.normalize swaps y/z because the release is y-up, so a z-up file is swapped beforehand and
+    the two swaps cancel."""
     idx = data.choose_points(len(xyz), num_points, np.random.default_rng(0), first=True)
     xyz = xyz[idx] if up == "y" else xyz[idx][:, [0, 2, 1]]
     return torch.from_numpy(np.concatenate([data.normalize(xyz), rgb[idx]], 1).astype(np.float32))
 
 
-# ---- Point-BERT's ModelNet40 few-shot folds (TAMM main_linear_probing.py, dataset/ModelNetDatasetFewShot.py) --
+# ---- Point-BERT's ModelNet40 few-shot folds ------------------------------------------------------
+# (TAMM main_linear_probing.py, dataset/ModelNetDatasetFewShot.py)
 
 FOLDS = 10          # folds 0-9 per setting
 FOLD_QUERIES = 20   # query shapes per class in each fold's test list
@@ -245,8 +261,8 @@ def fewshot_settings(folder):
                            f"not found)")
         settings[int(match[1]), int(match[2])] = paths
     if not settings:
-        raise BadInput(f"--fewshot-folds {folder}: no {{way}}way_{{shot}}shot/ folders (Point-BERT's "
-                       f"ModelNetFewshot)")
+        raise BadInput(f"--fewshot-folds {folder}: no {{way}}way_{{shot}}shot/ folders "
+                       f"(Point-BERT's ModelNetFewshot)")
     return settings
 
 
@@ -254,9 +270,9 @@ def read_fewshot_fold(path, way, shot, seed=0):
     """One fold (a PICKLE: only open trusted files) -> (train (way*shot, N, 6), labels,
     test (way*20, N, 6), labels).
 
-    The release's preprocessing: xyz only (the stored normals are dropped), y/z swapped, normalised, rgb 0
-    (not the 0.4 of colourless benchmark shapes), all stored points; the train subset's points are
-    shuffled, the test subset's are not."""
+    The release's preprocessing: xyz only (the stored normals are dropped), y/z swapped, normalised,
+    rgb 0 (not the 0.4 of colourless benchmark shapes), all stored points; the train subset's points
+    are shuffled, the test subset's are not."""
     try:
         with open(path, "rb") as f:
             fold = pickle.load(f)
@@ -271,7 +287,8 @@ def read_fewshot_fold(path, way, shot, seed=0):
             raise BadInput(f"{path}: expected {{'train': [...], 'test': [...]}} of "
                            f"(points, label, class_id) tuples")
         if len(items) != size:
-            raise BadInput(f"{path}: {len(items)} {subset} shapes, a {way}-way {shot}-shot fold has {size}")
+            raise BadInput(f"{path}: {len(items)} {subset} shapes, a {way}-way {shot}-shot fold "
+                           f"has {size}")
         try:
             clouds = []
             for points, _, _ in items:
@@ -292,5 +309,5 @@ def read_fewshot_fold(path, way, shot, seed=0):
 
 
 if __name__ == "__main__":
-    sys.exit("tools/pointclouds.py is a library, not a command: evaluate.py --pc FILE_OR_FOLDER reads your "
-             "point clouds with it (python evaluate.py --help)")
+    sys.exit("tools/pointclouds.py is a library, not a command: evaluate.py --pc FILE_OR_FOLDER "
+             "reads your point clouds with it (python evaluate.py --help)")
