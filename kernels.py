@@ -146,6 +146,25 @@ def _warps(block):
     return max(1, min(16, block // 256))
 
 
+# The compile-time constants and warps of each launch, as functions of the sizes: the launches below
+# and the ahead-of-time compile test (tests/test_kernels.py) take them from here.
+
+def fps_meta(N, has_start):
+    block = min(4096, triton.next_power_of_2(N))
+    return dict(HAS_START=has_start, BLOCK=block, num_warps=_warps(block))
+
+
+def ball_query_meta(N, k):
+    block = min(1024, triton.next_power_of_2(N))
+    return dict(K=k, BLOCK=block, BLOCK_K=triton.next_power_of_2(k), EMULATE=_INTERPRET,
+                num_warps=_warps(block))
+
+
+def group_meta(k, C):
+    return dict(K=k, BLOCK_K=triton.next_power_of_2(k), BLOCK_W=triton.next_power_of_2(3 + C),
+                num_warps=4)
+
+
 def farthest_point_sample(xyz, num_samples, start=None):
     """(B, N, 3) float32 -> (B, S) int64, as model.farthest_point_sample; start: (B,) indices in
     [0, N) or None (= 0), e.g. torch.randint(0, N, (B,)) for the reference's random_start."""
@@ -154,10 +173,9 @@ def farthest_point_sample(xyz, num_samples, start=None):
     idx = torch.empty(B, num_samples, dtype=torch.long, device=xyz.device)
     # scratch, initialised by the kernel
     near = torch.empty(B, N, dtype=torch.float32, device=xyz.device)
-    block = min(4096, triton.next_power_of_2(N))
     start_arg = idx if start is None else start.to(device=xyz.device, dtype=torch.long).contiguous()
-    _fps_kernel[(B,)](xyz, start_arg, idx, near, N, num_samples, HAS_START=start is not None,
-                      BLOCK=block, num_warps=_warps(block), enable_fp_fusion=False)
+    _fps_kernel[(B,)](xyz, start_arg, idx, near, N, num_samples, **fps_meta(N, start is not None),
+                      enable_fp_fusion=False)
     return idx
 
 
@@ -167,12 +185,10 @@ def ball_query(xyz, centres, radius, k):
     xyz, centres = _f32(xyz), _f32(centres)
     (B, N, _), S = xyz.shape, centres.shape[1]
     out = torch.empty(B, S, k, dtype=torch.long, device=xyz.device)
-    block = min(1024, triton.next_power_of_2(N))
     # rounded as in the reference's `<= radius ** 2`
     r2 = torch.tensor(radius ** 2, dtype=torch.float32).item()
-    _ball_query_kernel[(B * S,)](xyz, centres, out, N, S, r2, K=k, BLOCK=block,
-                                 BLOCK_K=triton.next_power_of_2(k), EMULATE=_INTERPRET,
-                                 num_warps=_warps(block), enable_fp_fusion=False)
+    _ball_query_kernel[(B * S,)](xyz, centres, out, N, S, r2, **ball_query_meta(N, k),
+                                 enable_fp_fusion=False)
     return out
 
 
@@ -183,7 +199,5 @@ def group(xyz, feats, centres, nbr):
     xyz, feats, centres, nbr = _f32(xyz), _f32(feats), _f32(centres), nbr.contiguous()
     (B, N, C), (S, k) = feats.shape, nbr.shape[1:]
     out = torch.empty(B, S, k, 3 + C, dtype=torch.float32, device=xyz.device)
-    _group_kernel[(B * S,)](xyz, feats, centres, nbr, out, N, S, C, K=k,
-                            BLOCK_K=triton.next_power_of_2(k),
-                            BLOCK_W=triton.next_power_of_2(3 + C), num_warps=4)
+    _group_kernel[(B * S,)](xyz, feats, centres, nbr, out, N, S, C, **group_meta(k, C))
     return out

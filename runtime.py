@@ -166,13 +166,15 @@ def sync_batchnorm(module, device):
 # ---- precision -----------------------------------------------------------------------------------
 
 
-def native_bf16():
-    """True on CPUs with native bf16 arithmetic (AVX-512 BF16 or AMX)."""
+def native_bf16(amx_only=False):
+    """True on CPUs with native bf16 arithmetic: AVX-512 BF16 or AMX (only AMX with `amx_only`)."""
+    flags = (" amx_bf16",) if amx_only else (" avx512_bf16", " amx_bf16")
     try:
         with open("/proc/cpuinfo") as f:
-            return any(flag in f.read() for flag in (" avx512_bf16", " amx_bf16"))
+            cpuinfo = f.read()
     except OSError:
         return False
+    return any(flag in cpuinfo for flag in flags)
 
 
 def device_type(device=None):

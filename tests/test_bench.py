@@ -85,8 +85,8 @@ def test_main_quick_writes_every_row(tmp_path, tiny_world):
     assert res["machine"]["device"] == "cpu"
     rows = {r["name"]: r for r in res["rows"]}
     measured = ["ball_query_memory", "ball_query_time", "fps_time", "encoder_step_time",
-                "encoder_step_memory", "launches_grouping", "launches_step", "eval_bf16",
-                "data_reader"]
+                "encoder_step_memory", "launches_grouping", "launches_loss", "launches_step",
+                "eval_bf16", "data_reader"]
     assert set(measured) <= rows.keys()
     for name in measured:
         r = rows[name]
@@ -96,6 +96,9 @@ def test_main_quick_writes_every_row(tmp_path, tiny_world):
         assert {rows[n]["status"] for n in ("cuda_step", "cuda_grouping_share",
                                             "cuda_grouping_time")} == {"skipped"}
     assert rows["data_reader"]["samples_per_s"] > 0
+    train = rows["train_bf16"]  # bf16 against fp32 training steps: a speed ratio and the agreement
+    assert train["ratio"] > 0 and 0 <= train["loss_rel"] < 0.1 and train["grad_cos"] > 0.5
+    assert train["status"] in ("PASS", "MISS", "info")
     # the CUDA path's grouping is the 3 Triton kernels and one gather, with no host sync; the eager
     # path has the FPS loop (8 launches a sample) and the ball query's nonzero
     counts = rows["launches_grouping"]["counts"]

@@ -318,27 +318,48 @@ def test_prepare_points_first_n_resample_and_up_axis():
 
 # ---- checkpoints end to end ----------------------------------------------------------------------
 
-def test_release_checkpoint_end_to_end(world, tmp_path):
+def test_release_checkpoint_end_to_end(world, tmp_path, capsys):
     root, tamm, _ = world
     out = tmp_path / "results"
+    capsys.readouterr()
     r = evaluate.main(common_flags(root) + ["--ckpt", tamm, "--out", str(out),
                                             "--episodes", "2x2", "3x3", "--n-query", "3",
                                             "--trials", "2", "--openshape-shots", "1", "2",
                                             "--probe-feature", "both"])
+    printed = capsys.readouterr().out
     with open(out / "eval_tamm_tiny.json") as f:
         saved = json.load(f)
     assert saved["zero_shot"] == r["zero_shot"] and saved["head_type"] == "dual"
     zs = saved["zero_shot"]["modelnet40"]
     assert (zs["num_samples"] == 19 and zs["num_classes"] == 3
             and set(zs["branches"]) == {"text", "image", "fused"})
-    assert all(0 <= m[k] <= 1 for m in zs["branches"].values() for k in ("top1", "top3", "top5"))
-    assert all(m["top3"] == 1.0 for m in zs["branches"].values())   # 3 classes
+    for m in zs["branches"].values():
+        # the confusion matrix counts every shape once, under its true class; top-1 and the
+        # per-class accuracies are its diagonal
+        assert sum(n for _, _, n in m["confusion"]) == 19
+        assert all(sum(n for t, _, n in m["confusion"] if t == c) == PER_CLASS[c]
+                   for c in range(3))
+        right = {t: n for t, p, n in m["confusion"] if t == p}
+        assert m["top1"] == pytest.approx(sum(right.values()) / 19)
+        assert m["per_class_top1"] == pytest.approx([right.get(c, 0) / PER_CLASS[c]
+                                                     for c in range(3)])
+        assert m["mean_class_acc"] == pytest.approx(np.mean(m["per_class_top1"]))
+        assert m["top1"] <= m["top3"] == m["top5"] == 1.0  # k capped at the 3 classes
     fs = saved["few_shot"]
     assert fs["benchmark"] == "modelnet40" and fs["feature"] == "both"
-    assert (fs["settings"]["episodes 2-way 2-shot"]["trials"] == 2
-            and 0 <= fs["settings"]["episodes 3-way 3-shot"]["mean"] <= 1)
-    assert fs["settings"]["openshape 2-shot"]["classes_in_pool"] == 3
+    settings = fs["settings"]
+    assert sorted(settings) == ["episodes 2-way 2-shot", "episodes 3-way 3-shot",
+                                "openshape 1-shot", "openshape 2-shot"]
+    # each trial scores n_way * 3 query shapes: the mean of 2 trials is a multiple of 1 / (2 * 3n)
+    for key, n_way in (("episodes 2-way 2-shot", 2), ("episodes 3-way 3-shot", 3)):
+        s = settings[key]
+        assert s["trials"] == 2 and s["classes_in_pool"] == 3
+        assert s["mean"] * 6 * n_way == pytest.approx(round(s["mean"] * 6 * n_way), abs=1e-6)
+        # two trials a and b: std |a - b| / 2, and both in [0, 1]
+        assert s["std"] <= min(s["mean"], 1 - s["mean"]) + 1e-12
+    assert settings["openshape 2-shot"]["classes_in_pool"] == 3
     md = (out / "eval_tamm_tiny.md").read_text()
+    assert md == evaluate.format_markdown(saved) and md in printed  # the file is what was printed
     assert "| modelnet40 | 19 | 3 | 33.33 | fused |" in md and "episodes 2-way 2-shot" in md
 
 

@@ -5,6 +5,7 @@ DIR/{way}way_{shot}shot/{fold}.pkl, each a pickled {"train": [...], "test": [...
 
     .venv/bin/python -m pytest -q tests/test_fewshot.py
 """
+import math
 import os
 import pickle
 import shutil
@@ -157,32 +158,50 @@ def test_evaluate_reports_every_setting_over_its_ten_folds(setup, tmp_path):
     assert fs["feature"] == "backbone"
     # no episodes, no openshape
     assert sorted(fs["settings"]) == ["folds 2-way 2-shot", "folds 3-way 1-shot"]
-    for s in fs["settings"].values():
-        assert s["trials"] == 10 and 0 <= s["mean"] <= 1 and 0 <= s["std"] <= 1
-        # four families a random tiny encoder already tells apart; chance is 1/2 or 1/3
-        assert s["mean"] > 0.8
-    assert r["zero_shot"] == {}
     md = open(tmp_path / "eval_tiny.md").read()
-    assert "| folds 2-way 2-shot |" in md and "| folds 3-way 1-shot |" in md
+    for key, s in fs["settings"].items():
+        # four families a random tiny encoder already tells apart; chance is 1/2 or 1/3
+        assert s["trials"] == 10 and s["mean"] > 0.8
+        # accuracies in [0, 1] with this mean spread at most sqrt(mean (1 - mean))
+        assert s["std"] <= math.sqrt(s["mean"] * (1 - s["mean"])) + 1e-12
+        # each fold scores 40 or 60 test shapes: the mean of 10 folds is a multiple of 1/400, 1/600
+        tests = 20 * int(key.split()[1].split("-")[0])
+        assert abs(s["mean"] * 10 * tests - round(s["mean"] * 10 * tests)) < 1e-6
+        assert f"| {key} | {100 * s['mean']:.2f} +- {100 * s['std']:.2f} | 10 |" in md
+    assert r["zero_shot"] == {}
 
 
-def test_one_fold_is_the_probe_of_its_own_features(setup):
-    """Fold 0 of 2way_2shot through few_shot_folds equals the probe fitted by hand on the same
-    features."""
+def test_fold_probe_fits_train_features_and_scores_test_features(setup, monkeypatch):
+    """few_shot_folds hands fewshot.linear_probe exactly fold 0's training features and labels to
+    fit, and its test features and labels to score: features computed here, each set on its own,
+    with the checkpoint's model (not through few_shot_folds)."""
     folds, _, ckpt = setup
     from checkpoint import load_pretrained
     from runtime import DistInfo
     m = load_pretrained(ckpt).eval()
+    calls = []
+
+    def spy(train_x, train_y, test_x, test_y, steps, l2):
+        calls.append((train_x, train_y, test_x, test_y, steps, l2))
+        return 0.625
+
+    monkeypatch.setattr(fewshot, "linear_probe", spy)
     args = type("Args", (), dict(seed=0, batch_size=64, precision="fp32", probe_feature="backbone",
-                                 probe_steps=fewshot.PROBE_STEPS, probe_l2=fewshot.PROBE_L2))()
+                                 probe_steps=7, probe_l2=0.5))()
     paths = pointclouds.fewshot_settings(folds)[2, 2][:1]
     got = evaluate.few_shot_folds(m, {(2, 2): paths}, args, DistInfo())["folds 2-way 2-shot"]
+    assert got == {"mean": 0.625, "std": 0.0, "trials": 1} and len(calls) == 1
     train, train_y, test, test_y = pointclouds.read_fewshot_fold(paths[0], 2, 2, seed=0)
     with torch.no_grad():
-        x = torch.nn.functional.normalize(m(torch.cat([train, test]))["backbone"].double(), dim=1)
-    expected = fewshot.linear_probe(x[:4], train_y, x[4:], test_y)
-    assert (got["trials"] == 1 and got["mean"] == pytest.approx(expected, abs=1e-9)
-            and got["std"] == 0)
+        x_train = torch.nn.functional.normalize(m(train)["backbone"].double(), dim=1)
+        x_test = torch.nn.functional.normalize(m(test)["backbone"].double(), dim=1)
+    got_train_x, got_train_y, got_test_x, got_test_y, steps, l2 = calls[0]
+    assert tuple(got_train_x.shape) == (4, 128) and tuple(got_test_x.shape) == (40, 128)
+    torch.testing.assert_close(torch.as_tensor(got_train_x), x_train, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.as_tensor(got_test_x), x_test, rtol=1e-5, atol=1e-5)
+    assert np.asarray(got_train_y).tolist() == train_y.tolist() == [0, 0, 1, 1]
+    assert np.asarray(got_test_y).tolist() == test_y.tolist() and len(test_y) == 40
+    assert (steps, l2) == (7, 0.5)
 
 
 def break_fold(folds, how):

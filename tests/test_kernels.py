@@ -4,8 +4,8 @@ without a GPU.
 Index checks: Triton's CPU interpreter runs the kernels on CPU tensors, but TRITON_INTERPRET=1 must
 be set before kernels.py is imported, so they run in a subprocess
 (`TRITON_INTERPRET=1 python tests/test_kernels.py interpret`).
-CUDA path: the kernels are compiled for sm_90 (ptxas ships with triton) and their SASS is read for
-FMAs.
+CUDA path: every launch of every encoder size is compiled for sm_80, sm_90 and sm_100 (ptxas ships
+with triton) and its SASS is read for FMAs.
 
 Exactness of the ball query. grouping.square_distance takes c.p from torch.matmul. MKL's sgemm
 computes it as fma(cz, pz, fma(cy, py, cx * px)) (checked value by value), the kernel does the same,
@@ -44,7 +44,7 @@ def test_kernels_equal_reference_in_interpreter(tmp_path):
     assert rc == 0 and "ALL OK" in out, out
 
 
-def test_cuda_build_fma_only_where_the_blas_has_them(tmp_path):
+def test_cuda_builds_for_every_size_and_gpu_have_fma_only_where_the_blas_has_them(tmp_path):
     rc, out = _run("compile", tmp_path)  # the torch CUDA wheels' triton ships ptxas and cuobjdump
     assert rc == 0 and "ALL OK" in out, out
 
@@ -184,42 +184,76 @@ def check_interpret():
     print("group ok\nALL OK")
 
 
+# the point counts that real runs hand to the kernels, and why
+POINT_COUNTS = {10_000: "training, ModelNet40 and LVIS", 8_192: "Point-BERT's few-shot folds",
+                2_048: "ScanObjectNN", 1_024: "the CPU demo"}
+CAPABILITIES = (80, 90, 100)  # A100, H100, B200
+
+
+def compile_cases():
+    """Every (kernel, argument types, constexprs, warps) the wrappers of kernels.py launch for some
+    encoder size of model.CONFIGS and some point count of POINT_COUNTS, each once."""
+    import kernels
+    import model
+    f32, i32, i64 = "*fp32", "i32", "*i64"
+    cases = {}
+    for N in POINT_COUNTS:
+        for has_start in (False, True):
+            cases[("fps", N > 4096, N, has_start)] = (
+                kernels._fps_kernel, [f32, i64, i64, f32, i32, i32], kernels.fps_meta(N, has_start))
+        for cfg in model.CONFIGS.values():
+            meta = {**kernels.ball_query_meta(N, cfg.k), "EMULATE": False}  # a GPU's own FMA
+            cases[("ball_query", *sorted(meta.items()))] = (
+                kernels._ball_query_kernel, [f32, f32, i64, i32, i32, "fp32"], meta)
+            meta = kernels.group_meta(cfg.k, cfg.in_dim)
+            cases[("group", *sorted(meta.items()))] = (
+                kernels._group_kernel, [f32, f32, f32, i64, f32, i32, i32, i32], meta)
+    unique = {}
+    for fn, types, meta in cases.values():  # FPS meta repeats across point counts: dedupe by value
+        unique[(fn.__name__, tuple(sorted(meta.items())))] = (fn, types, meta)
+    return list(unique.values())
+
+
 def check_compile():
-    """Compile for sm_90 and count FMAs in the SASS: none in FPS (its reference rounds every op),
-    exactly the two per point of the dot product in the ball query, no float64 on the GPU path."""
+    """Compile every launch of every encoder size for A100, H100 and B200 (capabilities 80, 90,
+    100) and count the FMAs in the SASS: none in FPS (its reference rounds every op), exactly the
+    two per point of the dot product in the ball query, none in the gather, no float64 anywhere.
+    An FFMA2 (sm_100's paired FMA) counts as two."""
     import re
+    from concurrent.futures import ThreadPoolExecutor
     sys.path.insert(0, str(ROOT))
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-
-    import kernels
     cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     assert cuobjdump.exists(), f"{cuobjdump}: triton's NVIDIA toolchain is missing"
-    f32, i32, i64 = "*fp32", "i32", "*i64"
-    # kernel, runtime args, constexprs, num_warps (as the wrappers pick them), FMAs per thread
-    cases = [
-        (kernels._fps_kernel, [f32, i64, i64, f32, i32, i32],
-         dict(HAS_START=True, BLOCK=4096), 16, 0),
-        (kernels._ball_query_kernel, [f32, f32, i64, i32, i32, "fp32"],
-         dict(K=64, BLOCK=1024, BLOCK_K=64, EMULATE=False), 4, 2 * 1024 // 128),
-        (kernels._group_kernel, [f32, f32, f32, i64, f32, i32, i32, i32],
-         dict(K=64, BLOCK_K=64, BLOCK_W=16), 4, 0),
-    ]
-    for fn, types, const, warps, fmas in cases:
-        names = fn.arg_names
-        signature = {**dict(zip(names, types)), **{k: "constexpr" for k in const}}
+    cases = compile_cases()
+
+    def build(job):
+        n, cap, (fn, types, meta) = job
+        const = {k: v for k, v in meta.items() if k != "num_warps"}
+        warps = meta["num_warps"]
+        signature = {**dict(zip(fn.arg_names, types)), **{k: "constexpr" for k in const}}
         compiled = triton.compile(ASTSource(fn, signature=signature, constexprs=const),
-                                  target=GPUTarget("cuda", 90, 32),
+                                  target=GPUTarget("cuda", cap, 32),
                                   options=dict(num_warps=warps, enable_fp_fusion=False))
-        cubin = Path(os.environ["TRITON_CACHE_DIR"]) / f"{fn.__name__}.cubin"
+        cubin = Path(os.environ["TRITON_CACHE_DIR"]) / f"{fn.__name__}-{n}-sm{cap}.cubin"
         cubin.write_bytes(compiled.asm["cubin"])
         sass = subprocess.run([str(cuobjdump), "-sass", str(cubin)], capture_output=True,
                               text=True).stdout
-        found = len(re.findall(r"\bFFMA\b", sass))
-        assert found == fmas and not re.search(r"\bD(ADD|MUL|FMA)\b", sass), (
-            fn.__name__, found, fmas)
-        print(fn.__name__, "FFMA", found)
+        fmas = len(re.findall(r"\bFFMA\b", sass)) + 2 * len(re.findall(r"\bFFMA2\b", sass))
+        expected = 0
+        if fn.__name__ == "_ball_query_kernel":  # BLOCK points over 32 * warps threads, 2 FMAs each
+            expected = 2 * const["BLOCK"] // (32 * warps)
+        float64 = re.search(r"\bD(ADD|MUL|FMA)\b", sass)
+        return fn.__name__, cap, const, warps, fmas, expected, float64
+
+    jobs = [(n, cap, case) for cap in CAPABILITIES for n, case in enumerate(cases)]
+    with ThreadPoolExecutor(2) as pool:
+        for name, cap, const, warps, fmas, expected, float64 in pool.map(build, jobs):
+            print(f"sm_{cap} {name} {const} warps={warps} FMA {fmas}")
+            assert fmas == expected and not float64, (name, cap, const, fmas, expected)
+    print(f"{len(jobs)} builds ({len(cases)} launches x {len(CAPABILITIES)} capabilities)")
     print("ALL OK")
 
 

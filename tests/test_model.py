@@ -87,18 +87,64 @@ def test_ball_query_takes_first_k_by_index_not_nearest():
     assert idx[0, 0, :20].tolist() == list(range(20)) and idx[0, 0, 20:].tolist() == [0] * 5
 
 
-def test_shuffled_points_change_output_only_through_grouping():
+def test_ball_query_pads_with_the_first_hit_by_index():
+    """Fewer hits than k: the free slots repeat the centre's first hit by index, which here is
+    neither point 0 nor the nearest point nor the last hit."""
+    xyz = torch.tensor([[5.0, 5.0, 5.0], [-5.0, 5.0, 5.0], [5.0, -5.0, 5.0],   # 0-2: far away
+                        [0.08, 0.0, 0.0], [0.01, 0.0, 0.0], [0.0, 0.05, 0.0],  # 3-6: in the ball
+                        [0.0, 0.0, 0.03],                                      # of the origin
+                        [2.0, 2.0, 2.0], [2.05, 2.0, 2.0], [1.98, 2.0, 2.0]])  # 7-9: another
+    centres = torch.tensor([[[0.0, 0.0, 0.0], [2.0, 2.0, 2.0]]])
+    idx = grouping.ball_query(xyz[None], centres, radius=0.1, k=8)
+    assert idx.tolist() == [[[3, 4, 5, 6, 3, 3, 3, 3], [7, 8, 9, 7, 7, 7, 7, 7]]]
+    assert torch.equal(idx, release_ball_query(0.1, 8, xyz[None], centres))
+
+
+def _ball_cloud(n, seed):
+    """(1, n, 6): xyz uniform in the unit ball, rgb uniform."""
+    g = torch.Generator().manual_seed(seed)
+    xyz = torch.randn(1, n, 3, generator=g)
+    xyz = xyz / xyz.norm(dim=-1, keepdim=True) * torch.rand(1, n, 1, generator=g) ** (1 / 3)
+    return torch.cat([xyz, torch.rand(1, n, 3, generator=g)], -1)
+
+
+def _balls(xyz, cfg):
+    """Points within the radius of each FPS centre: (B, S) counts."""
+    centres = grouping.index_points(xyz, grouping.farthest_point_sample(xyz, cfg.num_patches))
+    return (grouping.exact_square_distance(centres, xyz) <= cfg.radius ** 2).sum(-1)
+
+
+def _perm_keeping_point_0(n, seed):
+    perm = torch.cat([torch.zeros(1, dtype=torch.long),
+                      1 + torch.randperm(n - 1, generator=torch.Generator().manual_seed(seed))])
+    assert not torch.equal(perm, torch.arange(n))
+    return perm
+
+
+def test_point_order_matters_only_through_point_0_and_overflowing_balls():
+    """FPS starts at point 0, and a ball query keeps the first k hits by index padded with the first
+    hit, which max pooling ignores. So when no ball overflows k, any permutation that keeps point 0
+    first gives the same output; where balls overflow, which k points a patch keeps depends on the
+    order (the first k by index, not the nearest), so a permutation changes the output."""
+    cfg = model.CONFIGS["tiny"]
     torch.manual_seed(0)
-    enc = model.PointBert(model.CONFIGS["tiny"]).eval()
-    pts = unit_cloud(1, 1024, seed=4)
-    perm = torch.randperm(1024)
+    enc = model.PointBert(cfg).eval()
+    # sparse: 128 points in the unit ball; a ball of radius 0.3 holds far fewer than k = 32
+    sparse = _ball_cloud(128, seed=4)
+    assert _balls(sparse[..., :3], cfg).max() < cfg.k
+    perm = _perm_keeping_point_0(128, seed=1)
     with torch.no_grad():
-        a, b = enc(pts), enc(pts[:, perm])
-    # index-order ball query + FPS start: not permutation invariant
-    assert not torch.allclose(a, b, atol=1e-4)
-    # ...but keeping point 0 first and the rest in order is the identity permutation
+        out = enc(sparse)
+        assert torch.allclose(enc(sparse[:, perm]), out, atol=1e-5)
+        # moving point 0 moves FPS's start: other centres, another output
+        moved = torch.roll(torch.arange(128), 1)
+        assert not torch.allclose(enc(sparse[:, moved]), out, atol=1e-3)
+    # dense: 4096 points, most balls hold more than k; the same kind of permutation changes it
+    dense = _ball_cloud(4096, seed=5)
+    assert (_balls(dense[..., :3], cfg) > cfg.k).float().mean() > 0.5
+    perm = _perm_keeping_point_0(4096, seed=1)
     with torch.no_grad():
-        assert torch.allclose(a, enc(pts.clone()), atol=0)
+        assert not torch.allclose(enc(dense[:, perm]), enc(dense), atol=1e-3)
 
 
 def test_grouping_stays_fp32_under_autocast():

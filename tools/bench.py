@@ -2,11 +2,14 @@
 Speed, memory and kernel launches of our encoder, grouping and loss, beside release-style baselines.
 
 Every timing runs both sides in this process on the same inputs: one warm-up call each (whose
-outputs are compared: identical FPS / ball-query indices, loss and gradients within 1e-5, encoder
-output within 1e-4 and gradients within 1e-3 relative), then --repeats interleaved rounds A, B, A,
-B, ...; a row shows medians and the ratio baseline / ours (of time, peak memory or launches; for
-samples/s ours / baseline). The baselines are tools/reference.py (the release's PointNet++ grouping
-and attention, our weights) and loss.per_target_loss (the release's loop).
+outputs are compared: identical FPS / ball-query indices, encoder output within 1e-4 and gradients
+within 1e-3 relative), then --repeats interleaved rounds A, B, A, B, ...; a row shows medians and
+the ratio baseline / ours (of time, peak memory or launches; for samples/s ours / baseline). The
+baselines are tools/reference.py: the release's PointNet++ grouping and attention on our weights,
+and the release's loop over the loss targets. The `train` rows time a whole stage-2 step (forward,
+the 5-target loss, backward, AdamW) in fp32 against bf16 autocast, and report how far the bf16
+loss and gradients are from the fp32 ones (`precision_agreement`, also used by the tests and by
+tools/gpu_check.py).
 
 Peak extra memory: on CUDA max_memory_allocated around the call; on CPU a fresh child process from
 multiprocessing's forkserver (a child forked from here would inherit this heap) fixes glibc's mmap
@@ -28,13 +31,14 @@ there.
     # CPU rows, 15-30 minutes on 2 cores; writes bench.json
     python -m tools.bench
     # some rows
-    python -m tools.bench --only loss launches
+    python -m tools.bench --only train launches
     # + the GPU rows
     python -m tools.bench --device cuda
     # tiny sizes, for tests
     python -m tools.bench --quick
 """
 import collections
+import copy
 import ctypes
 import json
 import math
@@ -52,6 +56,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import data
 import grouping
 import model
+import runtime
 from cli import COUNT, POSITIVE_INT, Parser, existing_dir, output_file, run_cli
 from cli import device as device_flag
 from loss import contrastive_loss
@@ -61,11 +66,12 @@ from tools.reference import baseline_encoder, per_target_loss, release_ball_quer
 FULL = dict(ball=dict(B=16, S=384, N=10_000, k=64, radius=0.2), fps=dict(B=16, N=10_000, S=384),
             encoder=dict(scaling=4, B=8, N=10_000, repeats=3), eval=dict(scaling=4, B=8, N=10_000),
             launches=dict(scaling=4, B=2, N=10_000), cuda=dict(scaling=4, B=50, N=10_000),
-            reader_batches=10)
+            train=dict(scaling=4, B=8, N=10_000), reader_batches=10)
 QUICK = dict(ball=dict(B=2, S=32, N=1000, k=16, radius=0.2), fps=dict(B=2, N=1000, S=32),
              encoder=dict(scaling="tiny", B=2, N=1024, repeats=3),
              eval=dict(scaling="tiny", B=2, N=1024), launches=dict(scaling="tiny", B=2, N=512),
-             cuda=dict(scaling="tiny", B=4, N=1024), reader_batches=3)
+             cuda=dict(scaling="tiny", B=4, N=1024), train=dict(scaling="tiny", B=4, N=512),
+             reader_batches=3)
 
 
 # ---- measuring -----------------------------------------------------------------------------------
@@ -217,6 +223,67 @@ def encoder_ops(c, device):
     return {"baseline": lambda: train_step(base, pts), "ours": lambda: train_step(ours, pts)}
 
 
+def tamm_batch(c, device, seed=0):
+    """A stage-2 model (scaling c) and a batch: points (B, N, 6), 5 target sets (5, B, 1280)."""
+    torch.manual_seed(seed)
+    tamm = model.TAMM(model.CONFIGS[c["scaling"]]).to(device).train()
+    g = torch.Generator().manual_seed(seed + 1)
+    targets = torch.randn(5, c["B"], 1280, generator=g).to(device)
+    return tamm, cloud(c["B"], c["N"], device, seed), targets
+
+
+def tamm_loss(tamm, points, targets, dtype=None):
+    """The stage-2 loss of train_stage2.py's step: forward under autocast `dtype` (None: fp32),
+    IAA(f) against 4 view targets and TAA(f) against the text target."""
+    with torch.autocast(points.device.type, dtype=dtype, enabled=dtype is not None):
+        out = tamm(points)
+    anchors = torch.stack([out["image"]] * 4 + [out["text"]])
+    return contrastive_loss(anchors, targets, tamm.scale()).loss
+
+
+def tamm_step_ops(c, device):
+    """One whole training step (forward, loss, backward, AdamW) in fp32 and under bf16 autocast,
+    each on its own copy of the same initial weights."""
+    tamm, points, targets = tamm_batch(c, device)
+
+    def make(dtype):
+        m = copy.deepcopy(tamm)
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-4, fused=device.type == "cuda")
+
+        def step():
+            loss = tamm_loss(m, points, targets, dtype)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return loss.detach()
+        return step
+    return {"fp32": make(None), "bf16": make(torch.bfloat16)}
+
+
+def precision_agreement(tamm, points, targets, dtype=torch.bfloat16, seed=0):
+    """One step's loss and gradients under autocast `dtype` against fp32, from the same weights,
+    batch and dropout masks -> {"loss_rel": |L - L32| / |L32|, "grad_cos": cosine of the two
+    flattened gradients, "grad_rel": |g - g32| / |g32|}, every parameter's gradient in one vector.
+
+    At initialisation the encoder gives nearly the same feature for every shape, and the heads'
+    BatchNorm divides by that tiny spread, which magnifies rounding: measure a trained model too."""
+
+    def loss_and_grads(dt):
+        tamm.zero_grad(set_to_none=True)
+        torch.manual_seed(seed)  # the same dropout masks in both runs
+        loss = tamm_loss(tamm, points, targets, dt)
+        loss.backward()
+        grads = torch.cat([p.grad.flatten().double() for p in tamm.parameters()])
+        return loss.item(), grads
+
+    l32, g32 = loss_and_grads(None)
+    low, glow = loss_and_grads(dtype)
+    tamm.zero_grad(set_to_none=True)
+    return {"loss_rel": abs(low - l32) / abs(l32),
+            "grad_cos": torch.nn.functional.cosine_similarity(glow, g32, dim=0).item(),
+            "grad_rel": ((glow - g32).norm() / g32.norm()).item()}
+
+
 def same_indices(outs):
     return torch.equal(outs["baseline"], outs["ours"])
 
@@ -333,6 +400,9 @@ def bench_launches(S, device, args, rates):
                 size, "<= 4", f"eager {e['grouping']}, release {r['grouping']}",
                 str(o["grouping"]), e["grouping"] / o["grouping"], o["grouping"] <= 4,
                 counts=counts),
+            row("launches_loss", "launches of the loss forward (5 targets)", size, "<= 73",
+                f"eager {e['loss']}, release {r['loss']}", str(o["loss"]), r["loss"] / o["loss"],
+                o["loss"] <= 73),
             row("launches_step", "launches per training step (fwd, loss, bwd, AdamW)", size,
                 "<= 1,200", f"eager {total['eager']}, release {total['release']}",
                 str(total["ours"]), total["eager"] / total["ours"], total["ours"] <= 1200,
@@ -404,6 +474,24 @@ def bench_eval(S, device, args, rates):
                 note=f"min cosine of the backbone features bf16 vs fp32: {cos:.6f}")]
 
 
+def bench_train(S, device, args, rates):
+    """A whole stage-2 training step on the CPU, bf16 autocast against fp32 (train_stage2.py
+    --precision): samples/s and how far the bf16 loss and gradients are from fp32's."""
+    c = S["train"]
+    cpu = torch.device("cpu")
+    _, times = interleaved(tamm_step_ops(c, cpu), min(args.repeats, 3), cpu)
+    b, o, ratio = median_ratio(times["fp32"], times["bf16"])
+    agree = precision_agreement(*tamm_batch(c, cpu))
+    amx = runtime.native_bf16(amx_only=True)
+    status = None if amx else "info"  # the target is for CPUs with AMX
+    return [row("train_bf16", "CPU training step samples/s, bf16 vs fp32",
+                f"scaling {c['scaling']} B={c['B']} N={c['N']}", ">= 2x on CPUs with AMX",
+                f"{c['B'] / b:.2f} /s", f"{c['B'] / o:.2f} /s", ratio, ratio >= 2, status=status,
+                note=f"bf16 vs fp32 on one step at initialisation: loss {agree['loss_rel']:.2e} "
+                f"relative, gradient cosine {agree['grad_cos']:.5f}, gradient "
+                f"{agree['grad_rel']:.2e} relative; AMX: {amx}", **agree)]
+
+
 def bench_cuda(S, device, args, rates):
     """On a GPU: our step (bf16 autocast, SDPA, Triton grouping, fused AdamW) against the
     release-style fp32 step (no TF32); the grouping's share of our step; Triton against PyTorch
@@ -417,22 +505,26 @@ def bench_cuda(S, device, args, rates):
                      ">= 3x samples/s"),
                     ("cuda_grouping_share", "grouping share of our step", "<= 10%"),
                     ("cuda_grouping_time", "FPS + ball query, Triton vs PyTorch", "report"))]
-    dev = torch.device("cuda")
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    return cuda_rows(c, torch.device("cuda"), args.repeats)
+
+
+def cuda_rows(c, dev, repeats):
+    """bench_cuda's measurements on `dev` (tools/gpu_check.py rehearses them on the CPU too)."""
+    size = f"scaling {c['scaling']} B={c['B']} N={c['N']}"
     torch.manual_seed(0)
     ours = model.PointBert(model.CONFIGS[c["scaling"]]).to(dev).train()
     base, pts = baseline_encoder(ours), cloud(c["B"], c["N"], dev)
     xyz, cfg = pts[..., :3].contiguous(), ours.cfg
 
     def ours_step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast(dev.type, dtype=torch.bfloat16):
             return train_step(ours, pts)
     groupings = {"torch": lambda: grouping.group(xyz, pts, cfg.num_patches, cfg.radius, cfg.k,
                                                  backend="torch"),
                  "triton": lambda: grouping.group(xyz, pts, cfg.num_patches, cfg.radius, cfg.k,
                                                   backend="triton")}
     outs, times = interleaved({"baseline": lambda: train_step(base, pts), "ours": ours_step,
-                               **groupings}, args.repeats, dev)
+                               **groupings}, repeats, dev)
     ot = statistics.median(times["ours"])
     share = statistics.median(times["triton"]) / statistics.median(times["ours"])
     gt, gk, gr = median_ratio(times["torch"], times["triton"])
@@ -497,7 +589,8 @@ def print_table(rows):
 
 
 ROWS = {"ball_query": bench_ball_query, "fps": bench_fps, "encoder": bench_encoder,
-        "launches": bench_launches, "eval": bench_eval, "cuda": bench_cuda, "data": bench_data}
+        "launches": bench_launches, "eval": bench_eval, "train": bench_train, "cuda": bench_cuda,
+        "data": bench_data}
 
 
 def main(argv=None):
@@ -524,6 +617,7 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     # fp32 means fp32: the parity checks compare fp32 results
+    torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     S, info = QUICK if args.quick else FULL, machine_info(device)
     print("machine: " + " | ".join(f"{k} {v}" for k, v in info.items()), flush=True)
