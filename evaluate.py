@@ -401,7 +401,8 @@ def run_point_clouds(args, model, env, num_points):
 # ---- the command line ----------------------------------------------------------------------------
 
 
-def parse_args(argv):
+def build_parser():
+    """The command line, every flag with its type, default and help."""
     p = cli.Parser(__doc__.split("\n\n")[0])
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--ckpt", help="checkpoint file or released name "
@@ -470,7 +471,11 @@ def parse_args(argv):
                    help=f"open_clip tag or weights file (default: {CLIP_PRETRAINED})")
     g.add_argument("--dump-features", type=cli.output_file,
                    help="OUT.npz with the backbone, text and image features and the file names")
-    args = p.parse_args(argv)
+    return p
+
+
+def parse_args(argv):
+    args = build_parser().parse_args(argv)
     # Everything a user gives is checked here, before a shape is encoded: flags, files, checkpoints.
     for setting in args.episodes:  # N >= 2: a 1-way episode has nothing to tell apart
         parts = setting.split("x")

@@ -123,9 +123,26 @@ def barrier(env):
 # ---- SyncBatchNorm on the CPU --------------------------------------------------------------------
 
 
+class SumOverRanks(torch.autograd.Function):
+    """all_reduce (sum) with gradient: every rank's loss depends on the sum, so the gradient that
+    reaches each rank's input is the sum of the ranks' gradients."""
+
+    @staticmethod
+    def forward(ctx, x):
+        x = x.clone()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
 class CpuSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
-    """torch's SyncBatchNorm runs on CUDA only. This one all-reduces (sum, count), then the centred
-    sum of squares, both differentiable (torch.distributed.nn), so the statistics and the gradients
+    """torch's SyncBatchNorm runs on CUDA only. This one sums (sum, count) over the ranks, then the
+    centred sum of squares, both with gradient (SumOverRanks), so the statistics and the gradients
     equal one process on the global batch."""
 
     def _check_input_dim(self, x):
@@ -135,15 +152,13 @@ class CpuSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
     def forward(self, x):
         if not self.training:
             return super().forward(x)
-        from torch.distributed.nn.functional import all_reduce
-
         dims = [0] + list(range(2, x.dim()))  # every dimension but the channels
         shape = [1, -1] + [1] * (x.dim() - 2)  # a (C,) statistic broadcast over x
         count = torch.tensor([x.numel() / x.shape[1]], dtype=x.dtype, device=x.device)
-        total = all_reduce(torch.cat([x.sum(dims), count]))
+        total = SumOverRanks.apply(torch.cat([x.sum(dims), count]))
         n = total[-1]
         mean = total[:-1] / n
-        var = all_reduce((x - mean.view(shape)).pow(2).sum(dims)) / n
+        var = SumOverRanks.apply((x - mean.view(shape)).pow(2).sum(dims)) / n
         with torch.no_grad():
             self.num_batches_tracked += 1
             self.running_mean.lerp_(mean.detach(), self.momentum)

@@ -78,7 +78,8 @@ class Stage1Model(nn.Module):
         return {"dim": self.dim, "ratio": self.ratio}
 
 
-def parse_args(argv):
+def build_parser():
+    """The command line, every flag with its type, default and help."""
     p = cli.preset_parser(__doc__.split("\n\n")[0], PRESETS, FLAGS)
     p.add_argument("--data", type=cli.existing_dir,
                    help="OpenShape data root (default: the embedded synthetic world)")
@@ -99,7 +100,11 @@ def parse_args(argv):
     p.add_argument("--log-every", type=cli.POSITIVE_INT, default=20, help="steps between log lines")
     p.add_argument("--path-prefix", default=data.PATH_PREFIX,
                    help="prefix of data_path in the split files")
-    args = cli.apply_preset(p.parse_args(argv), PRESETS)
+    return p
+
+
+def parse_args(argv):
+    args = cli.apply_preset(build_parser().parse_args(argv), PRESETS)
     args.out = args.out or os.path.join("runs", args.preset)
     cli.check_output(args.out)
     if args.resume:  # a file of the right kind

@@ -74,7 +74,8 @@ FLAGS = {  # preset flag: (type or choices, where the paper's value comes from)
 }
 
 
-def parse_args(argv):
+def build_parser():
+    """The command line, every flag with its type, default and help."""
     p = cli.preset_parser(__doc__.split("\n\n")[0], PRESETS, FLAGS)
     p.add_argument("--data", type=cli.existing_dir,
                    help="OpenShape data root (default: the embedded synthetic world)")
@@ -116,7 +117,11 @@ def parse_args(argv):
     p.add_argument("--log-every", type=cli.POSITIVE_INT, default=10, help="steps between log lines")
     p.add_argument("--path-prefix", default=data.PATH_PREFIX,
                    help="prefix of data_path in the split files")
-    args = p.parse_args(argv)
+    return p
+
+
+def parse_args(argv):
+    args = build_parser().parse_args(argv)
     if args.release_exact:
         args.precision = args.precision or "fp32"
         args.sync_bn = args.sync_bn or "encoder"

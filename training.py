@@ -143,6 +143,7 @@ class BrokenShapes:
         errors = [e for e, ok in zip(batch["error"], batch["valid"].tolist()) if not ok]
         if not errors:
             return
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)  # a rank may get here first
         with open(self.path, "a") as f:
             f.writelines(e + "\n" for e in errors)
         for error in errors:

@@ -10,8 +10,9 @@ run (`python -m pytest -q -x NODE ...` in a subprocess), and the file gets its b
 back in a `finally`, also on Ctrl-C or SIGTERM (the restore itself runs with those signals
 blocked). A mutation is `caught` when pytest reports failed tests (exit code 1); anything else (the
 tests pass, a collection error, a timeout) is `SURVIVED`. Before the mutations, the same tests run
-once on the unmodified tree and must pass (--no-baseline skips that), so a test that fails anyway
-does not count as a catch. Exit code: 0 when every mutation was caught.
+once on the unmodified tree (--no-baseline skips that): a mutation whose tests fail anyway counts as
+survived, not caught. One line per mutation, then pytest's first error line (why it was caught).
+Exit code: 0 when every mutation was caught.
 
 Other people may edit the tree while this runs: if a mutated file changed meanwhile, only the
 mutation is reverted (its new text back to the old) and a warning names the file.
@@ -216,17 +217,28 @@ def mutated(root, m):
                       f"left as it is, check it by hand", file=sys.stderr, flush=True)
 
 
-def run_pytest(root, tests):
-    """pytest's exit code on `tests` (-1: timed out) and the seconds it took."""
+def run_pytest(root, tests, stop_first=True):
+    """pytest's exit code on `tests` (-1: timed out), the seconds it took and its output. pytest
+    runs in its own process group, which is killed whole on a timeout, Ctrl-C or SIGTERM (tests
+    start subprocesses of their own)."""
     env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")  # no .pyc of a mutated source
+    flags = ["-q", "-x"] if stop_first else ["-q", "-rfE"]
     t0 = time.time()
+    proc = subprocess.Popen([sys.executable, "-m", "pytest", *flags, *tests], cwd=root, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
     try:
-        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", *tests], cwd=root,
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True, timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        return -1, time.time() - t0, "timed out"
-    return proc.returncode, time.time() - t0, proc.stdout
+        out, _ = proc.communicate(timeout=TIMEOUT_S)
+    except BaseException as e:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.communicate()
+        if isinstance(e, subprocess.TimeoutExpired):
+            return -1, time.time() - t0, "timed out"
+        raise
+    return proc.returncode, time.time() - t0, out
 
 
 def main(argv=None):
@@ -251,21 +263,29 @@ def main(argv=None):
             print(f"{m.name:24} {m.file:16} {m.what}\n{'':24} -> {' '.join(m.tests)}")
         return 0
     root = args.root.resolve()
-    for sig in SIGNALS[1:]:
+    for sig in SIGNALS:  # also SIGINT: a shell starts background jobs with it ignored
         signal.signal(sig, terminate)
 
+    failing = set()  # tests that fail on the unmodified tree: they cannot catch anything
     if not args.no_baseline:
         tests = list(dict.fromkeys(t for m in chosen for t in m.tests))
-        rc, seconds, out = run_pytest(root, tests)
+        rc, seconds, out = run_pytest(root, tests, stop_first=False)
+        failing = {t for t in tests if f"FAILED {t}" in out or f"ERROR {t}" in out}
+        if rc != 0 and not failing:  # not a test failure (collection error, timeout): all suspect
+            failing = set(tests)
         print(f"baseline: {len(tests)} tests on the unmodified tree: "
-              f"{'pass' if rc == 0 else 'FAIL'} ({seconds:.0f} s)", flush=True)
-        if rc != 0:
-            print(out[-4000:])
-            return 2
+              f"{len(tests) - len(failing)} pass, {len(failing)} fail ({seconds:.0f} s)",
+              flush=True)
+        if failing:
+            print(out[-4000:], flush=True)
 
     survived = []
     try:
         for m in chosen:
+            if failing & set(m.tests):
+                print(f"SURVIVED (its tests fail without the mutation) | {m.name}", flush=True)
+                survived.append(m.name)
+                continue
             try:
                 with mutated(root, m):
                     rc, seconds, out = run_pytest(root, m.tests)
@@ -278,6 +298,9 @@ def main(argv=None):
             print(f"{status} | {m.name:24} | {m.what} | {names} | {seconds:.0f} s", flush=True)
             if args.verbose or not caught:
                 print(out[-3000:], flush=True)
+            else:  # why: pytest's first error line
+                first = next((line for line in out.splitlines() if line.startswith("E ")), "")
+                print(f"           {first[:160]}", flush=True)
             if not caught:
                 survived.append(m.name)
     except KeyboardInterrupt:

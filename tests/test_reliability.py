@@ -365,3 +365,99 @@ def test_every_torch_load_of_a_checkpoint_is_weights_only():
                                                              if "weights_only=True" not in c[1]]
     readme = open(os.path.join(REPO, "README.md")).read()
     assert "pickle" in readme and "trusted" in readme
+
+
+# ---- 8. train_stage2.main under torchrun equals one process --------------------------------------
+
+@pytest.fixture(scope="module")
+def ddp_runs(tiny_world, tmp_path_factory):
+    """tests/stage2_float64.py (train_stage2.main in float64, dropout off) on the same global
+    batches of 16, with a CIA and broken shapes (masked stand-ins) in the world: one process and 2
+    gloo processes (--sync-bn all) for 3 steps; one process and 2 processes with --sync-bn encoder
+    for 1 step (after it the two runs' weights part, and with them the statistics)."""
+    from adapters import ClipImageAdapter
+    tmp = tmp_path_factory.mktemp("ddp_runs")
+    world = shutil.copytree(tiny_world, tmp / "world")
+    for path in sorted(glob.glob(os.path.join(world, "*", "*", "*.npy")))[::8]:
+        break_shape(path, "nan")
+    torch.manual_seed(0)
+    cia = tmp / "cia.pt"
+    torch.save({"cia": ClipImageAdapter().state_dict(), "cia_ratio": 0.2}, cia)
+    args = ["tests/stage2_float64.py", "--data", str(world), "--cia", str(cia), *TINY_TRAIN,
+            "--val", "none"]
+    runs = {"one": python(*args, "--max-steps", "3", "--out", str(tmp / "one")),
+            "all": torchrun(*args, "--max-steps", "3", "--sync-bn", "all", "--out",
+                            str(tmp / "all")),
+            "one_step": python(*args, "--max-steps", "1", "--out", str(tmp / "one_step")),
+            "encoder": torchrun(*args, "--max-steps", "1", "--sync-bn", "encoder", "--out",
+                                str(tmp / "encoder"))}
+    for name, proc in runs.items():
+        assert proc.returncode == 0, (name, "\n".join(line for line in proc.stderr.splitlines()
+                                                      if "rank1" in line)[-4000:])
+    out = {}
+    for name in runs:
+        run_dir = tmp / name / "stage2"
+        log = [json.loads(line) for line in open(run_dir / "log.jsonl")]
+        out[name] = {"losses": [r["loss"] for r in log if "loss" in r],
+                     "skipped": [r["skipped_shapes"] for r in log if "loss" in r],
+                     "model": torch.load(run_dir / "latest.pt", weights_only=True)["model"]}
+    return out
+
+
+def test_train_stage2_under_torchrun_equals_one_process(ddp_runs):
+    """--sync-bn all (the default): the same losses, weights and BatchNorm statistics after 3 AdamW
+    steps as one process on the concatenated batches, the broken shape masked in both."""
+    one, two = ddp_runs["one"], ddp_runs["all"]
+    assert len(one["losses"]) == 3
+    assert one["losses"] == pytest.approx(two["losses"], rel=1e-10, abs=1e-10)
+    assert one["skipped"] == two["skipped"] and one["skipped"][-1] >= 1  # the stand-in, masked
+    # A bias right before a BatchNorm has a gradient of exactly zero in exact arithmetic; AdamW
+    # divides its float64 rounding noise by eps and moves it by up to ~1e-8, and the running mean of
+    # that BatchNorm with it. Every other weight agrees to 1e-9.
+    before_bn = re.compile(r"(encoder\.patch_embed\.(convs|norms)\.\d|adapters\.\w+\.[0145])\.")
+    for k, v in one["model"].items():
+        tolerance = 1e-7 if before_bn.match(k) and k.endswith(("bias", "running_mean")) else 1e-9
+        assert torch.allclose(v.double(), two["model"][k].double(), rtol=0, atol=tolerance), k
+
+
+def test_sync_bn_encoder_under_torchrun_keeps_the_heads_batchnorm_per_process(ddp_runs):
+    """--sync-bn encoder (the release): the encoder's BatchNorm sees the global batch, as one
+    process; each head's sees its process's half, so its statistics (and the loss) differ."""
+    one, two = ddp_runs["one_step"], ddp_runs["encoder"]
+    stats = [k for k in one["model"] if k.endswith(("running_mean", "running_var"))]
+    encoder = [k for k in stats if k.startswith("encoder.")]
+    heads = [k for k in stats if k.startswith("adapters.")]
+    assert len(encoder) == 6 and len(heads) == 8
+    for k in encoder:
+        assert torch.allclose(one["model"][k], two["model"][k], rtol=1e-6, atol=1e-8), k
+    for k in heads:
+        assert not torch.allclose(one["model"][k], two["model"][k], rtol=1e-6, atol=1e-8), k
+
+
+# ---- 9. stage 1 resumes exactly ------------------------------------------------------------------
+
+def test_stage1_interrupted_then_resumed_gives_bitwise_identical_weights(tiny_world, tmp_path,
+                                                                          monkeypatch):
+    """Stage 1 stopped by an exception after step 7 (its last checkpoint at step 6), then run
+    again: it resumes at step 6 and ends where an uninterrupted run ends, bit for bit."""
+    args = ["--data", str(tiny_world), "--preset", "demo", "--epochs", "4", "--batch-size", "16",
+            "--holdout", "16", "--save-every", "3"]
+    whole = train_stage1.main([*args, "--out", str(tmp_path / "whole")])
+    real, calls = train_stage1.contrastive_loss, []
+
+    def crash_at_step_8(*a, **kw):
+        calls.append(1)
+        if len(calls) == 8:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+    monkeypatch.setattr(train_stage1, "contrastive_loss", crash_at_step_8)
+    with pytest.raises(KeyboardInterrupt):
+        train_stage1.main([*args, "--out", str(tmp_path / "killed")])
+    monkeypatch.setattr(train_stage1, "contrastive_loss", real)
+    assert torch.load(tmp_path / "killed" / "stage1" / "latest.pt", weights_only=True)["step"] == 6
+    resumed = train_stage1.main([*args, "--out", str(tmp_path / "killed")])
+    a = torch.load(tmp_path / "whole" / "stage1" / "latest.pt", weights_only=True)
+    b = torch.load(tmp_path / "killed" / "stage1" / "latest.pt", weights_only=True)
+    assert a["step"] == b["step"] == 20
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert resumed["after"] == whole["after"]
