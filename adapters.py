@@ -69,8 +69,8 @@ class DualAdapters(nn.Module):
     def __init__(self, in_dim=512, out_dim=CLIP_DIM, image_dropout=IAA_DROPOUT,
                  text_dropout=TAA_DROPOUT):
         super().__init__()
-        self.image = alignment_head(in_dim, out_dim, text_dropout)  # IAA
-        self.text = alignment_head(in_dim, out_dim, image_dropout)    # TAA
+        self.image = alignment_head(in_dim, out_dim, image_dropout)  # IAA
+        self.text = alignment_head(in_dim, out_dim, text_dropout)    # TAA
 
     def forward(self, f):
         return self.image(f), self.text(f)
