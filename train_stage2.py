@@ -284,6 +284,8 @@ def main(argv=None):
             rate = (step - last_step) * args.batch_size / (now - last_time)
             last_time, last_step = now, step
             log({"step": step, "epoch": epoch, "loss": res.per_target.sum().item(),
+                 "loss_image": res.per_target[:-1].mean().item(),  # one view target's term
+                 "loss_text": res.per_target[-1].item(),
                  "acc_image": res.accuracy[:-1].mean().item(), "acc_text": res.accuracy[-1].item(),
                  "lr": lr, "scale": model.scale().item(), "interval_samples_s": rate,
                  "skipped_shapes": int(skipped)})

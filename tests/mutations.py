@@ -8,20 +8,29 @@ must then fail.
 For each mutation: the old text must occur exactly once in its file; it is replaced, the named tests
 run (`python -m pytest -q -x NODE ...` in a subprocess), and the file gets its bytes (and mtime)
 back in a `finally`, also on Ctrl-C or SIGTERM (the restore itself runs with those signals
-blocked). A mutation is `caught` when pytest reports failed tests (exit code 1); anything else (the
+blocked).
+
+Where: by default in a scratch copy of the working tree (sources and tests; not .git, .venv, data/,
+runs/), removed afterwards, so that nobody else who runs tests or commits meanwhile ever sees a
+mutated file. `--in-place` mutates the tree itself (or --root DIR), restoring each file as above.
+
+A mutation is `caught` when pytest reports failed tests (exit code 1); anything else (the
 tests pass, a collection error, a timeout) is `SURVIVED`. Before the mutations, the same tests run
 once on the unmodified tree (--no-baseline skips that): a mutation whose tests fail anyway counts as
 survived, not caught. One line per mutation, then pytest's first error line (why it was caught).
 Exit code: 0 when every mutation was caught.
 
-Other people may edit the tree while this runs: if a mutated file changed meanwhile, only the
-mutation is reverted (its new text back to the old) and a warning names the file.
+In place, other people may edit the tree while this runs: if a mutated file changed meanwhile, only
+the mutation is reverted (its new text back to the old) and a warning names the file. They can
+still read or commit a mutated file during a test run: hence the scratch copy by default.
 """
 import argparse
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -79,9 +88,10 @@ MUTATIONS = [
              (M + "test_shift_draws_lie_within_0_1_per_axis_and_cover_it",),
              "shift up to 0.2 per axis"),
     Mutation("shift-one-draw", "data.py",
-             "rng.uniform(-SHIFT_RANGE, SHIFT_RANGE, 3)", "rng.uniform(-SHIFT_RANGE, SHIFT_RANGE)",
+             "rng.uniform(-SHIFT_RANGE, SHIFT_RANGE, 3)",
+             "rng.uniform(-SHIFT_RANGE, SHIFT_RANGE, 1)",
              (M + "test_shift_draws_lie_within_0_1_per_axis_and_cover_it",),
-             "one shift for all three axes"),
+             "one shift drawn and added to all three axes"),
     Mutation("dropout-to-1", "data.py", "MAX_DROPOUT = 0.875", "MAX_DROPOUT = 1.0  ",
              (M + "test_dropout_collapses_up_to_seven_eighths_of_the_points_onto_point_0",),
              "dropout ratio drawn up to 1.0"),
@@ -217,6 +227,19 @@ def mutated(root, m):
                       f"left as it is, check it by hand", file=sys.stderr, flush=True)
 
 
+SKIP_TOP = {".git", ".venv", ".ci-venv", "data", "runs", "out"}  # not copied to the scratch tree
+SKIP_ANY = {"__pycache__", ".pytest_cache", ".ruff_cache"}
+
+
+def scratch_copy(root, dest):
+    """Copy the working tree at `root` (without SKIP_TOP and SKIP_ANY) to the new folder `dest`."""
+    def ignore(folder, names):
+        top = Path(folder).resolve() == root
+        return [n for n in names if n in SKIP_ANY or (top and n in SKIP_TOP)]
+
+    shutil.copytree(root, dest, ignore=ignore, symlinks=True)
+
+
 def run_pytest(root, tests, stop_first=True):
     """pytest's exit code on `tests` (-1: timed out), the seconds it took and its output. pytest
     runs in its own process group, which is killed whole on a timeout, Ctrl-C or SIGTERM (tests
@@ -248,8 +271,9 @@ def main(argv=None):
     p.add_argument("--no-baseline", action="store_true",
                    help="skip the check that the tests pass on the unmodified tree")
     p.add_argument("--root", type=Path, default=ROOT,
-                   help="repository to mutate (default: the one holding this file; a copy keeps "
-                   "the mutations away from people editing the tree)")
+                   help="repository to test (default: the one holding this file)")
+    p.add_argument("--in-place", action="store_true",
+                   help="mutate the files of --root itself instead of a scratch copy of it")
     p.add_argument("-v", "--verbose", action="store_true", help="print pytest's output")
     args = p.parse_args(argv)
     by_name = {m.name: m for m in MUTATIONS}
@@ -262,10 +286,25 @@ def main(argv=None):
         for m in chosen:
             print(f"{m.name:24} {m.file:16} {m.what}\n{'':24} -> {' '.join(m.tests)}")
         return 0
-    root = args.root.resolve()
     for sig in SIGNALS:  # also SIGINT: a shell starts background jobs with it ignored
         signal.signal(sig, terminate)
+    root = args.root.resolve()
+    if args.in_place:
+        return run_all(root, chosen, args)
+    scratch = Path(tempfile.mkdtemp(prefix="tamm-mutations-"))
+    try:
+        scratch_copy(root, scratch / "tree")
+        print(f"mutating a scratch copy of {root}: {scratch / 'tree'}", flush=True)
+        return run_all(scratch / "tree", chosen, args)
+    except KeyboardInterrupt:  # while copying; run_all handles its own
+        print("interrupted", file=sys.stderr)
+        return 130
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
+
+def run_all(root, chosen, args):
+    """The baseline, then every mutation in `chosen` on the tree at `root` -> the exit code."""
     failing = set()  # tests that fail on the unmodified tree: they cannot catch anything
     if not args.no_baseline:
         tests = list(dict.fromkeys(t for m in chosen for t in m.tests))
