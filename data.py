@@ -206,8 +206,11 @@ def rotation_y(a):
 
 
 def rotation_z(a):
+    """In float32, the points' dtype, so a turn about z alone multiplies them directly; the small
+    random rotation composes three of these in float64 and rounds once. (Which roundings happen
+    sets every augmented point's last bit, and with it a seeded run's numbers.)"""
     c, s = math.cos(a), math.sin(a)
-    return np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]])
+    return np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]], dtype=np.float32)
 
 
 def augment_points(xyz, rng, ops=AUGMENTATIONS):
@@ -224,7 +227,7 @@ def augment_points(xyz, rng, ops=AUGMENTATIONS):
         ax, ay, az = np.clip(ROT_SIGMA * rng.standard_normal(3), -ROT_CLIP, ROT_CLIP)
         xyz = xyz @ (rotation_z(az) @ rotation_y(ay) @ rotation_x(ax)).astype(np.float32)
     if "rotate_z" in ops:
-        xyz = xyz @ rotation_z(rng.uniform(0, 2 * math.pi)).astype(np.float32)
+        xyz = xyz @ rotation_z(rng.uniform(0, 2 * math.pi))
     return xyz
 
 

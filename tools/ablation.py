@@ -13,6 +13,7 @@ Outputs: OUT/seed{s}/ (each seed's runs and eval_compare.json) and OUT/ablation.
 """
 import os
 import platform
+import shlex
 import statistics
 import time
 
@@ -85,19 +86,20 @@ def markdown(summary):
     return "\n".join(lines) + "\n"
 
 
-def run_seed(out, seed, data):
+def run_seed(out, seed, args):
     """The README's ablation commands for one seed -> {variant: {metric: value}}."""
     seed_dir = os.path.join(out, f"seed{seed}")
-    common = ["--seed", str(seed)] + (["--data", data] if data else [])
-    train_stage1.main(["--out", seed_dir, *common])
+    common = ["--seed", str(seed)] + (["--data", args.data] if args.data else [])
+    train_stage1.main(["--out", seed_dir, *common, *shlex.split(args.stage1_flags)])
     cia = os.path.join(seed_dir, "stage1", "cia.pt")
     checkpoints = []
     for name, (flags, _) in VARIANTS.items():
         flags = [f.format(cia=cia) for f in flags]
-        run_dir = train_stage2.main(["--out", os.path.join(seed_dir, name), *flags, *common])
+        run_dir = train_stage2.main(["--out", os.path.join(seed_dir, name), *flags, *common,
+                                     *shlex.split(args.stage2_flags)])
         checkpoints.append(os.path.join(run_dir, "latest.pt"))
-    evaluate.main(["--compare", *checkpoints, "--out", seed_dir, "--openshape-shots",
-                   *common])
+    evaluate.main(["--compare", *checkpoints, "--out", seed_dir, "--openshape-shots", *common,
+                   *shlex.split(args.eval_flags)])
     reports = load_json(os.path.join(seed_dir, "eval_compare.json"))
     return {name: seed_numbers(r) for name, r in zip(VARIANTS, reports)}
 
@@ -110,11 +112,15 @@ def main(argv=None):
                    help="folder of every run and of ablation.json/.md")
     p.add_argument("--data", type=cli.existing_dir,
                    help="data root (default: the embedded synthetic world)")
+    p.add_argument("--stage1-flags", default="", help="more flags for train_stage1.py, in quotes")
+    p.add_argument("--stage2-flags", default="",
+                   help="more flags for every train_stage2.py run, in quotes: \"--epochs 20\"")
+    p.add_argument("--eval-flags", default="", help="more flags for evaluate.py, in quotes")
     args = p.parse_args(argv)
     if len(set(args.seeds)) < len(args.seeds):
         raise BadInput("--seeds: a seed is given twice")
     t0 = time.time()
-    per_seed = {seed: run_seed(args.out, seed, args.data) for seed in args.seeds}
+    per_seed = {seed: run_seed(args.out, seed, args) for seed in args.seeds}
     summary = summarise(per_seed, args.seeds)
     with open("/proc/cpuinfo") as f:
         cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")),

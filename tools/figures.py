@@ -2,8 +2,9 @@
 
     python -m tools.figures runs/demo --ablation runs/ablation --out docs/figures
 
-From the demo run (RUN/stage1, RUN/stage2 and evaluate.py's RUN/stage2/eval_latest.json) and the
-world it trained on:
+The method as a diagram (method.png, drawn from code, the README's first picture); then from the
+demo run (RUN/stage1, RUN/stage2 and evaluate.py's RUN/stage2/eval_latest.json) and the world it
+trained on:
   data.png           one shape of each category, its points coloured by their rgb
   grouping.png       one shape's FPS centres and three of its ball-query patches, at the run's size
   stage1_gap.png     per rendered view of the held-out (LVIS) shapes: cosine to its own class's text
@@ -92,6 +93,62 @@ def scatter(ax, xyz, colours, size=2):
 
 
 # ---- the figures -------------------------------------------------------------------------------
+
+
+def box(ax, x, y, text, colour="#f2f2f2", edge="#555555", size=9):
+    ax.text(x, y, text, ha="center", va="center", fontsize=size, zorder=3,
+            bbox=dict(boxstyle="round,pad=0.45", facecolor=colour, edgecolor=edge))
+
+
+def arrow(ax, start, end, text="", colour="#333333", style="-|>", offset=(0, 0.025)):
+    ax.annotate("", xy=end, xytext=start, zorder=2,
+                arrowprops=dict(arrowstyle=style, color=colour, lw=1.3, shrinkA=18, shrinkB=18))
+    if text:
+        middle = ((start[0] + end[0]) / 2 + offset[0], (start[1] + end[1]) / 2 + offset[1])
+        ax.text(*middle, text, ha="center", va="bottom", fontsize=7.5, color=colour)
+
+
+def figure_method(plt, out_dir):
+    """Stage 1, stage 2 and the zero-shot score as boxes and arrows (the paper's figure 2)."""
+    fig, ax = plt.subplots(figsize=(11, 5.2))
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.axis("off")
+    frozen, trained, loss = "#dbe9f6", "#fde0c5", "#e6f2e1"
+    ax.text(0.02, 0.96, "Stage 1 (train_stage1.py): the CLIP Image Adapter", fontsize=11,
+            weight="bold", va="top")
+    box(ax, 0.09, 0.78, "rendered view")
+    box(ax, 0.09, 0.56, "shape text")
+    box(ax, 0.27, 0.78, "CLIP image\nencoder (frozen)", frozen)
+    box(ax, 0.27, 0.56, "CLIP text\nencoder (frozen)", frozen)
+    box(ax, 0.45, 0.78, "CIA(v) = 0.2 A(v) + 0.8 v\nA: 1280 -> 320 -> 1280", trained)
+    box(ax, 0.45, 0.56, "contrastive loss\n(A and the temperature learn)", loss)
+    arrow(ax, (0.09, 0.78), (0.27, 0.78))
+    arrow(ax, (0.09, 0.56), (0.27, 0.56))
+    arrow(ax, (0.27, 0.78), (0.45, 0.78), "v")
+    arrow(ax, (0.45, 0.78), (0.45, 0.56))
+    arrow(ax, (0.27, 0.56), (0.45, 0.56), "t")
+    ax.text(0.57, 0.96, "Stage 2 (train_stage2.py): the point encoder and the Dual Adapters",
+            fontsize=11, weight="bold", va="top")
+    box(ax, 0.62, 0.84, "points (B, N, 6)\nxyz + rgb")
+    box(ax, 0.62, 0.64, "PointBERT encoder f\n(model.py, 512-d)", trained)
+    box(ax, 0.76, 0.78, "IAA head\n512 -> 1280", trained)
+    box(ax, 0.76, 0.50, "TAA head\n512 -> 1280", trained)
+    box(ax, 0.93, 0.78, "CIA(v_1 .. v_4)\n(frozen)", frozen)
+    box(ax, 0.93, 0.50, "text t\n(frozen)", frozen)
+    arrow(ax, (0.62, 0.84), (0.62, 0.64))
+    arrow(ax, (0.62, 0.64), (0.76, 0.78))
+    arrow(ax, (0.62, 0.64), (0.76, 0.50))
+    arrow(ax, (0.76, 0.78), (0.93, 0.78), "contrastive x 4 views", "#2c7a2c", "<|-|>")
+    arrow(ax, (0.76, 0.50), (0.93, 0.50), "contrastive", "#2c7a2c", "<|-|>")
+    ax.text(0.57, 0.36, "one temperature, one sum of 5 contrastive terms (loss.py)",
+            fontsize=8.5, color="#2c7a2c")
+    ax.text(0.02, 0.22, "Zero-shot (evaluate.py): class names -> CLIP text features T_c (prompt "
+            "ensembles);  score_c = cos(TAA(f), T_c) + 0.5 cos(IAA(f), T_c)", fontsize=10)
+    ax.text(0.02, 0.12, "blue: frozen CLIP features     orange: what learns     green: the "
+            "contrastive losses", fontsize=8.5, color="#555555")
+    return save(fig, out_dir, "method.png")
+
 
 
 def figure_data(plt, root, out_dir, points=1024):
@@ -279,7 +336,8 @@ def main(argv=None):
     config = load_json(os.path.join(args.run, "stage2", "config.json"))
     root = args.data or config["args"].get("data") or str(synthetic.ensure_world(progress=False))
     os.makedirs(args.out, exist_ok=True)
-    written = [figure_data(plt, root, args.out),
+    written = [figure_method(plt, args.out),
+               figure_data(plt, root, args.out),
                figure_grouping(plt, root, args.run, args.out),
                figure_stage1_gap(plt, root, args.run, args.out),
                figure_stage2_curves(plt, args.run, args.out),
