@@ -37,7 +37,6 @@ def exact_square_distance(src, dst):
     return (src.unsqueeze(2) - dst.unsqueeze(1)).square_().sum(-1)
 
 
-@torch.compiler.disable  # a loop of S steps: tracing would unroll it, so --compile runs it eagerly
 @torch.no_grad()
 def farthest_point_sample(xyz, num_samples, start=None):
     """(B, N, 3) -> (B, S) indices. Starts at point 0 (deterministic), or at the (B,) indices
@@ -69,7 +68,6 @@ def farthest_point_sample(xyz, num_samples, start=None):
     return idx
 
 
-@torch.compiler.disable  # data-dependent shapes (nonzero)
 @torch.no_grad()
 def ball_query(xyz, centres, radius, k, max_elements=None):
     """The first k point indices (by index) within `radius` of each centre, padded with the first
@@ -103,6 +101,17 @@ def _ball_query_block(xyz, centres, radius, k, out):
     # a centre is itself a point of the cloud, so slot 0 holds a hit: the first one pads the free
     # slots
     out.copy_(torch.where(block < 0, block[..., :1], block))
+
+
+def run_eagerly_under_compile():
+    """Have torch.compile run FPS (a loop of S steps, which tracing would unroll) and the ball query
+    (data-dependent shapes) eagerly. Whatever compiles the model calls this first (train_stage2.py
+    --compile, tools/gpu_check.py); it is not a decorator because torch.compiler.disable imports
+    torch._dynamo, which would add about 2 s to the start of every command."""
+    global farthest_point_sample, ball_query
+    if not hasattr(farthest_point_sample, "_torchdynamo_disable"):
+        farthest_point_sample = torch.compiler.disable(farthest_point_sample)
+        ball_query = torch.compiler.disable(ball_query)
 
 
 def index_points(points, idx):

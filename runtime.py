@@ -82,6 +82,19 @@ def launch_env():
     return rank, _env_int("LOCAL_RANK"), world
 
 
+SHARED_STORE_ADVICE = (
+    "torchrun --max-restarts: set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 where torchrun starts, or a "
+    "restarted group can read the previous group's addresses from torchrun's store and fail to "
+    "connect (pytorch/pytorch#135712)")
+
+
+def restarts_share_a_store():
+    """torchrun may restart the workers, and they keep their keys in its own rendezvous store, which
+    outlives a restart."""
+    return (int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0
+            and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True")
+
+
 def setup_distributed(device=None):
     """Join the process group when launched by torchrun, else rank 0 of 1. `device` ('cpu', 'cuda',
     'cuda:N') overrides the default, CUDA when available (each process then takes GPU
@@ -100,12 +113,18 @@ def setup_distributed(device=None):
         if rank == 0 and "TORCHELASTIC_RUN_ID" not in os.environ:  # launched by hand, not torchrun
             print(f"waiting for the other {world - 1} processes at {where} (torch.distributed's "
                   f"timeout: 30 min)", file=sys.stderr)
+        first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+        if rank == 0 and first_attempt and restarts_share_a_store():
+            print(SHARED_STORE_ADVICE, file=sys.stderr)
         try:
             dist.init_process_group(backend=backend)
         except (RuntimeError, ValueError) as e:  # DistStoreError and others are RuntimeErrors
             reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+            hint = "start all of them, e.g. with torchrun"
+            if restarts_share_a_store():
+                hint = SHARED_STORE_ADVICE
             raise BadInput(f"the {world} processes did not meet at MASTER_ADDR:MASTER_PORT {where} "
-                           f"({reason}); start all of them, e.g. with torchrun") from None
+                           f"({reason}); {hint}") from None
     run_device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     return DistInfo(rank, local_rank, world, run_device)
 

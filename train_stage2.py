@@ -30,6 +30,7 @@ from tqdm import tqdm
 import cli
 import data
 import evaluate
+import grouping
 from checkpoint import find_resume, load_checkpoint, load_cia, resume, save_latest
 from files import BadInput
 from loss import LOGIT_SCALE_MAX, contrastive_loss
@@ -222,6 +223,7 @@ def main(argv=None):
         device_ids = [env.device.index] if env.device.type == "cuda" else None
         train_model = DDP(model, device_ids=device_ids)
     if args.compile:
+        grouping.run_eagerly_under_compile()
         train_model = torch.compile(train_model)
 
     if env.is_main:

@@ -93,3 +93,18 @@ def test_the_checker_sees_function_level_imports(tmp_path):
     source.write_text("def f():\n    from tools import synthetic\n    import data\n")
     assert (imports_of(str(source), {"tools.synthetic": "", "data": ""})
             == {"tools.synthetic", "data"})
+
+
+def test_commands_start_without_the_compiler():
+    """Importing an entry point loads neither torch._dynamo nor open_clip: together they are about
+    2-3 s of every command's start-up, and only --compile and CLIP weights need them."""
+    import subprocess
+    import sys
+
+    code = ("import sys, train_stage1, train_stage2, evaluate; "
+            "print(sorted({m.split('.')[0] if m.startswith('open_clip') else m for m in sys.modules "
+            "if m.startswith(('torch._dynamo', 'open_clip'))}))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "[]", proc.stdout

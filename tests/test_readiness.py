@@ -28,6 +28,7 @@ import torch
 
 import data
 import model
+import runtime
 import train_stage2
 from checkpoint import load_pretrained
 from conftest import TINY_TRAIN
@@ -262,6 +263,19 @@ def worker_pids(parent):
     return found
 
 
+def test_restarts_with_torchruns_shared_store_get_the_advice(monkeypatch):
+    """torchrun shares its rendezvous store with the workers unless told not to; a restarted group
+    can then read its predecessor's addresses (pytorch/pytorch#135712, seen in our CI)."""
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "1")
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+    assert runtime.restarts_share_a_store()
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "False")  # with ..._SHARE_RDZV_TCP_STORE=1
+    assert not runtime.restarts_share_a_store()
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "0")
+    assert not runtime.restarts_share_a_store()
+
+
 def test_a_killed_worker_restarts_the_group_and_the_run_ends_as_if_uninterrupted(tiny_world,
                                                                                 tmp_path):
     """torchrun --max-restarts=1: SIGKILL one worker mid-run; the agent restarts both, every rank
@@ -277,8 +291,10 @@ def test_a_killed_worker_restarts_the_group_and_the_run_ends_as_if_uninterrupted
 
     out = tmp_path / "killed"
     latest = out / "stage2" / "latest.pt"
+    own_store = {**ENV, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}  # as the README says
     proc = subprocess.Popen([*run, "--max-restarts=1", *args, "--out", str(out)], cwd=REPO,
-                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            env=own_store, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
     killed = None
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None and killed is None:

@@ -201,6 +201,7 @@ def check_compile(device, sizes):
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
     eager = copy.deepcopy(tamm)
+    grouping.run_eagerly_under_compile()
     compiled = torch.compile(tamm)
     dtype = torch.bfloat16 if device.type == "cuda" else None
 
