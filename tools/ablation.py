@@ -41,18 +41,22 @@ def seed_numbers(report):
         branches = report["zero_shot"][name]["branches"]
         out[name] = 100 * (branches.get("fused") or branches["single"])["top1"]
     for key in ("episodes 5-way 10-shot", "episodes 10-way 20-shot"):
-        out[key] = 100 * report["few_shot"]["settings"][key]["mean"]
+        setting = report["few_shot"]["settings"][key]
+        if "mean" in setting:  # else {"skipped": why}: too few shapes for that many ways or shots
+            out[key] = 100 * setting["mean"]
     return out
 
 
 def summarise(per_seed, seeds):
     """per_seed[seed][variant][metric] -> the summary of ablation.json."""
-    summary = {"seeds": seeds, "metrics": list(METRICS), "metric_names": METRICS,
+    measured = [m for m in METRICS if all(m in numbers for run in per_seed.values()
+                                          for numbers in run.values())]
+    summary = {"seeds": seeds, "metrics": measured, "metric_names": METRICS,
                "labels": {v: label for v, (_, label) in VARIANTS.items()}, "variants": {},
                "versus_openshape": {}}
     for v in VARIANTS:
         summary["variants"][v] = {}
-        for m in METRICS:
+        for m in measured:
             values = [per_seed[s][v][m] for s in seeds]
             std = statistics.stdev(values) if len(values) > 1 else 0.0
             summary["variants"][v][m] = {"values": values, "mean": statistics.fmean(values),
@@ -60,7 +64,7 @@ def summarise(per_seed, seeds):
         if v == "openshape":
             continue
         summary["versus_openshape"][v] = {}
-        for m in METRICS:
+        for m in measured:
             diffs = [per_seed[s][v][m] - per_seed[s]["openshape"][m] for s in seeds]
             mean = statistics.fmean(diffs)
             std = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
