@@ -52,6 +52,7 @@ class Mutation:
 
 M = "tests/test_method.py::"
 MODEL = "tests/test_model.py::"
+REL = "tests/test_reliability.py::"
 MUTATIONS = [
     # ---- stage 2 pairs the heads with their targets, and training moves the heads
     Mutation("heads-swapped", "train_stage2.py",
@@ -176,6 +177,27 @@ MUTATIONS = [
              "farthest = torch.full((B,), N - 1, dtype=torch.long, device=xyz.device)",
              (MODEL + "test_point_order_matters_only_through_point_0_and_overflowing_balls",),
              "FPS starts at the last point, not point 0"),
+    # ---- train_stage2.main's own distributed wiring, and resume
+    Mutation("sync-bn-skipped", "train_stage2.py",
+             'sync_batchnorm(model if args.sync_bn == "all" else model.encoder, env.device)',
+             "None  # each process normalises over its own shapes",
+             (REL + "test_train_stage2_under_torchrun_equals_one_process",),
+             "no SyncBatchNorm under torchrun"),
+    Mutation("sync-bn-encoder-only", "train_stage2.py",
+             'sync_batchnorm(model if args.sync_bn == "all" else model.encoder, env.device)',
+             "sync_batchnorm(model.encoder, env.device)",
+             (REL + "test_train_stage2_under_torchrun_equals_one_process",),
+             "--sync-bn all converts only the encoder (the heads normalise per process)"),
+    Mutation("sampler-rank-ignored", "data.py",
+             "[self.rank :: self.world_size]",
+             "[0 :: self.world_size]",
+             (REL + "test_train_stage2_under_torchrun_equals_one_process",),
+             "every rank takes rank 0's share of the epoch"),
+    Mutation("resume-rng-lost", "checkpoint.py",
+             "        set_rng_state(ckpt[\"rng\"][env.rank])\n",
+             "        pass  # the RNG starts afresh\n",
+             (REL + "test_sigkill_mid_epoch_then_resume_gives_bitwise_identical_weights",),
+             "a resumed run does not restore its RNG (the heads' dropout draws other masks)"),
 ]
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)

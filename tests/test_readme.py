@@ -4,8 +4,9 @@ Commands are taken from the ```bash blocks in order and run in a scratch folder 
 substitutions that keep them small and offline: the data root becomes the tiny synthetic world,
 torchrun uses 2 local CPU processes, and each script gets flags for a tiny run appended (argparse
 lets the last value win). Commands that need the network (download, released weights, CLIP weights)
-must fail the way a user without network sees it: exit code 2 and one line. The quick start itself
-runs verbatim in .ci/run.
+must fail the way a user without network sees it: exit code 2 and one line; the GPU check says in
+one line that there is no GPU and exits 1. The quick start itself runs verbatim in .ci/run; the
+ablation tool's command, which docs/walkthrough.md shares, runs in tests/test_walkthrough.py.
 """
 import os
 import re
@@ -34,12 +35,15 @@ def readme_commands():
     lines = [line.strip() for block in re.findall(r"```bash\n(.*?)```", text, re.S)
              for line in block.splitlines()]
     commands = [c.strip() for line in lines if line for c in line.split("&&")]
-    return [c for c in commands if not c.startswith("pip install") and c != "python -m pytest -q"]
+    return [c for c in commands if not c.startswith(("pip install", "python -m tools.ablation"))
+            and c != "python -m pytest -q"]
 
 
 def adapt(command, world, port):
     """README command -> argv for this test (see the module docstring)."""
     argv = shlex.split(command.replace("/data/openshape", str(world)))
+    while "=" in argv[0]:  # VAR=value before the command: the test's environment sets them
+        argv.pop(0)
     if argv[0] == "torchrun":
         argv = [sys.executable, "-m", "torch.distributed.run", *argv[1:]]
         argv = [a.replace("--nproc_per_node=8", "--nproc_per_node=2")
@@ -82,12 +86,16 @@ def test_every_readme_command_runs(tiny_world, tmp_path):
         f.write("ply\nformat ascii 1.0\nelement vertex 400\n"
                 "property float x\nproperty float y\nproperty float z\n"
                 "end_header\n" + "\n".join(" ".join(map(str, p)) for p in xyz) + "\n")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO,
+           "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1", "CUDA_VISIBLE_DEVICES": ""}
     for command in commands:
         argv = adapt(command, tiny_world, free_port())
         proc = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True,
                               timeout=300)
-        if any(k in command for k in NEEDS_NETWORK):
+        if "tools.gpu_check" in command:
+            assert proc.returncode == 1 and "no GPU here" in proc.stderr, proc.stderr[-1500:]
+            assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        elif any(k in command for k in NEEDS_NETWORK):
             err = proc.stderr.strip().splitlines()
             assert proc.returncode == 2 and err and err[-1].startswith("error:"), (
                 command, proc.stderr[-1500:])

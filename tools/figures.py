@@ -96,59 +96,74 @@ def scatter(ax, xyz, colours, size=2):
 
 
 def box(ax, x, y, text, colour="#f2f2f2", edge="#555555", size=9):
-    ax.text(x, y, text, ha="center", va="center", fontsize=size, zorder=3,
-            bbox=dict(boxstyle="round,pad=0.45", facecolor=colour, edgecolor=edge))
+    return ax.text(x, y, text, ha="center", va="center", fontsize=size, zorder=3,
+                   bbox=dict(boxstyle="round,pad=0.45", facecolor=colour, edgecolor=edge))
+
+
+def box_edge(ax, label, towards):
+    """Where the line from the centre of box `label` towards the point `towards` leaves the box
+    (data coordinates; the figure must have been drawn once)."""
+    extent = label.get_bbox_patch().get_window_extent().transformed(ax.transData.inverted())
+    centre = np.array([(extent.x0 + extent.x1) / 2, (extent.y0 + extent.y1) / 2])
+    direction = np.asarray(towards) - centre
+    half = np.array([extent.width / 2, extent.height / 2])
+    t = min(half[i] / abs(direction[i]) for i in range(2) if direction[i] != 0)
+    return centre + t * direction
 
 
 def arrow(ax, start, end, text="", colour="#333333", style="-|>", offset=(0, 0.025)):
-    ax.annotate("", xy=end, xytext=start, zorder=2,
-                arrowprops=dict(arrowstyle=style, color=colour, lw=1.3, shrinkA=18, shrinkB=18))
+    """An arrow from box `start` to box `end` (box's return values), from edge to edge."""
+    a = box_edge(ax, start, end.get_position())
+    b = box_edge(ax, end, start.get_position())
+    ax.annotate("", xy=b, xytext=a, zorder=4,
+                arrowprops=dict(arrowstyle=style, color=colour, lw=1.3, shrinkA=1, shrinkB=1))
     if text:
-        middle = ((start[0] + end[0]) / 2 + offset[0], (start[1] + end[1]) / 2 + offset[1])
+        middle = ((a[0] + b[0]) / 2 + offset[0], (a[1] + b[1]) / 2 + offset[1])
         ax.text(*middle, text, ha="center", va="bottom", fontsize=7.5, color=colour)
 
 
 def figure_method(plt, out_dir):
     """Stage 1, stage 2 and the zero-shot score as boxes and arrows (the paper's figure 2)."""
-    fig, ax = plt.subplots(figsize=(11, 5.2))
+    fig, ax = plt.subplots(figsize=(12.5, 5.2))
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
     ax.axis("off")
     frozen, trained, loss = "#dbe9f6", "#fde0c5", "#e6f2e1"
-    ax.text(0.02, 0.96, "Stage 1 (train_stage1.py): the CLIP Image Adapter", fontsize=11,
+    ax.text(0.01, 0.97, "Stage 1 (train_stage1.py): the CLIP Image Adapter", fontsize=11,
             weight="bold", va="top")
-    box(ax, 0.09, 0.78, "rendered view")
-    box(ax, 0.09, 0.56, "shape text")
-    box(ax, 0.27, 0.78, "CLIP image\nencoder (frozen)", frozen)
-    box(ax, 0.27, 0.56, "CLIP text\nencoder (frozen)", frozen)
-    box(ax, 0.45, 0.78, "CIA(v) = 0.2 A(v) + 0.8 v\nA: 1280 -> 320 -> 1280", trained)
-    box(ax, 0.45, 0.56, "contrastive loss\n(A and the temperature learn)", loss)
-    arrow(ax, (0.09, 0.78), (0.27, 0.78))
-    arrow(ax, (0.09, 0.56), (0.27, 0.56))
-    arrow(ax, (0.27, 0.78), (0.45, 0.78), "v")
-    arrow(ax, (0.45, 0.78), (0.45, 0.56))
-    arrow(ax, (0.27, 0.56), (0.45, 0.56), "t")
-    ax.text(0.57, 0.96, "Stage 2 (train_stage2.py): the point encoder and the Dual Adapters",
+    view = box(ax, 0.05, 0.78, "rendered\nview")
+    text = box(ax, 0.05, 0.52, "shape\ntext")
+    image_encoder = box(ax, 0.17, 0.78, "CLIP image\nencoder (frozen)", frozen)
+    text_encoder = box(ax, 0.17, 0.52, "CLIP text\nencoder (frozen)", frozen)
+    cia = box(ax, 0.36, 0.78, "CIA(v) = 0.2 A(v) + 0.8 v\nA: 1280 -> 320 -> 1280", trained)
+    stage1_loss = box(ax, 0.36, 0.52, "contrastive loss\n(A and the temperature learn)", loss)
+    ax.plot([0.505, 0.505], [0.3, 0.97], color="#bbbbbb", lw=1)
+    ax.text(0.52, 0.97, "Stage 2 (train_stage2.py): the point encoder and the Dual Adapters",
             fontsize=11, weight="bold", va="top")
-    box(ax, 0.62, 0.84, "points (B, N, 6)\nxyz + rgb")
-    box(ax, 0.62, 0.64, "PointBERT encoder f\n(model.py, 512-d)", trained)
-    box(ax, 0.76, 0.78, "IAA head\n512 -> 1280", trained)
-    box(ax, 0.76, 0.50, "TAA head\n512 -> 1280", trained)
-    box(ax, 0.93, 0.78, "CIA(v_1 .. v_4)\n(frozen)", frozen)
-    box(ax, 0.93, 0.50, "text t\n(frozen)", frozen)
-    arrow(ax, (0.62, 0.84), (0.62, 0.64))
-    arrow(ax, (0.62, 0.64), (0.76, 0.78))
-    arrow(ax, (0.62, 0.64), (0.76, 0.50))
-    arrow(ax, (0.76, 0.78), (0.93, 0.78), "contrastive x 4 views", "#2c7a2c", "<|-|>")
-    arrow(ax, (0.76, 0.50), (0.93, 0.50), "contrastive", "#2c7a2c", "<|-|>")
-    ax.text(0.57, 0.36, "one temperature, one sum of 5 contrastive terms (loss.py)",
+    points = box(ax, 0.58, 0.84, "points (B, N, 6)\nxyz + rgb")
+    encoder = box(ax, 0.58, 0.60, "PointBERT\nencoder f\n(model.py, 512-d)", trained)
+    iaa = box(ax, 0.73, 0.78, "IAA head\n512 -> 1280", trained)
+    taa = box(ax, 0.73, 0.46, "TAA head\n512 -> 1280", trained)
+    views = box(ax, 0.93, 0.78, "CIA(v_1 .. v_4)\n(frozen)", frozen)
+    texts = box(ax, 0.93, 0.46, "text t\n(frozen)", frozen)
+    fig.canvas.draw()  # places the boxes, so that the arrows below end at their edges
+    arrow(ax, view, image_encoder)
+    arrow(ax, text, text_encoder)
+    arrow(ax, image_encoder, cia, "v")
+    arrow(ax, cia, stage1_loss, "CIA(v)", offset=(0.035, -0.02))
+    arrow(ax, text_encoder, stage1_loss, "t")
+    arrow(ax, points, encoder)
+    arrow(ax, encoder, iaa)
+    arrow(ax, encoder, taa)
+    arrow(ax, iaa, views, "contrastive\nx 4 views", "#2c7a2c", "<|-|>", offset=(0, 0.01))
+    arrow(ax, taa, texts, "contrastive", "#2c7a2c", "<|-|>", offset=(0, 0.01))
+    ax.text(0.52, 0.31, "one temperature, one sum of 5 contrastive terms (loss.py)",
             fontsize=8.5, color="#2c7a2c")
-    ax.text(0.02, 0.22, "Zero-shot (evaluate.py): class names -> CLIP text features T_c (prompt "
+    ax.text(0.01, 0.17, "Zero-shot (evaluate.py): class names -> CLIP text features T_c (prompt "
             "ensembles);  score_c = cos(TAA(f), T_c) + 0.5 cos(IAA(f), T_c)", fontsize=10)
-    ax.text(0.02, 0.12, "blue: frozen CLIP features     orange: what learns     green: the "
+    ax.text(0.01, 0.07, "blue: frozen CLIP features     orange: what learns     green: the "
             "contrastive losses", fontsize=8.5, color="#555555")
     return save(fig, out_dir, "method.png")
-
 
 
 def figure_data(plt, root, out_dir, points=1024):
@@ -190,10 +205,15 @@ def figure_grouping(plt, root, run_dir, out_dir):
         patch = xyz[0, neighbours[0, s].unique()].numpy()
         ax.scatter(*patch.T, c=colour, s=9, depthshade=False,
                    label=f"patch {s}: {len(patch)} distinct of its k = {cfg['k']}")
+    low, high = xyz[0].amin(0).numpy(), xyz[0].amax(0).numpy()  # zoom to the shape, true aspect
+    for set_lim, lo, hi in zip((ax.set_xlim, ax.set_ylim, ax.set_zlim), low, high):
+        set_lim(lo, hi)
+    ax.set_box_aspect(high - low)
     ax.legend(loc="upper left", fontsize=8)
-    ax.set_title(f"{category}: {num_points} points, S = {cfg['num_patches']} centres (FPS), "
-                 f"k = {cfg['k']} neighbours within r = {cfg['radius']}\n"
-                 f"PointNet input {tuple(neighbours.shape)} + (3 + 6,) channels")
+    B, S, k = neighbours.shape
+    ax.set_title(f"{category}: {num_points} points, S = {S} centres (FPS), k = {k} neighbours "
+                 f"within r = {cfg['radius']}\nPointNet input ({B}, {S}, {k}, 9): per neighbour "
+                 f"xyz - centre, xyz, rgb")
     return save(fig, out_dir, "grouping.png")
 
 
@@ -306,7 +326,7 @@ def figure_ablation(plt, ablation_dir, out_dir):
     ax.set_ylabel("accuracy (%), mean +- std over seeds")
     low = min(summary["variants"][n][m]["mean"] for n in variants for m in metrics)
     ax.set_ylim(max(0, low - 15), 100)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.1))
     ax.grid(axis="y", alpha=0.3)
     ax.set_title(f"The ablation on the synthetic world: seeds {summary['seeds']} "
                  f"({summary['machine']})", fontsize=9)

@@ -16,7 +16,7 @@ what it expected and what it got:
   7. a paper-size stage-2 run on the synthetic world (scaling 4, 10,000 points, batch 50, a few
      hundred steps) through train_stage2.main: samples/s, peak memory, the loss going down.
 
-    python -m tools.gpu_check                   # about 8 minutes on one H100-class GPU
+    python -m tools.gpu_check                   # sized for 8 minutes on one H100 (not yet timed)
     python -m tools.gpu_check --out gpu_check   # the folder of gpu_check.json and gpu_check.md
 
 Exit code 0 when every check passed, 1 when one failed or there is no GPU. `--cpu-rehearsal` runs
