@@ -6,7 +6,8 @@ torchrun uses 2 local CPU processes, and each script gets flags for a tiny run a
 lets the last value win). Commands that need the network (download, released weights, CLIP weights)
 must fail the way a user without network sees it: exit code 2 and one line; the GPU check says in
 one line that there is no GPU and exits 1. The quick start itself runs verbatim in .ci/run; the
-ablation tool's command, which docs/walkthrough.md shares, runs in tests/test_walkthrough.py.
+ablation tool's command, which docs/walkthrough.md shares, runs in tests/test_walkthrough.py, and
+the by-hand ablation commands are checked against what that tool runs.
 """
 import os
 import re
@@ -36,7 +37,29 @@ def readme_commands():
              for line in block.splitlines()]
     commands = [c.strip() for line in lines if line for c in line.split("&&")]
     return [c for c in commands if not c.startswith(("pip install", "python -m tools.ablation"))
-            and c != "python -m pytest -q"]
+            and c != "python -m pytest -q" and "runs/by-hand" not in c]
+
+
+def test_the_ablation_by_hand_is_what_tools_ablation_runs():
+    """The README's by-hand ablation commands are not run here: tools/ablation.py runs the same
+    stage 1, the same four stage-2 variants and the same --compare for every seed, and
+    tests/test_walkthrough.py runs it. This checks that the README says exactly that: one stage 1,
+    then each variant's flags as tools/ablation.py has them, then all four in one --compare."""
+    from tools.ablation import VARIANTS
+
+    text = open(os.path.join(REPO, "README.md")).read()
+    lines = [line.strip() for block in re.findall(r"```bash\n(.*?)```", text, re.S)
+             for line in block.splitlines() if "runs/by-hand" in line]
+    assert lines[0] == "python train_stage1.py --out runs/by-hand"
+    cia = "runs/by-hand/stage1/cia.pt"
+    stage2 = [shlex.split(line) for line in lines[1:-1]]
+    assert [argv[3] for argv in stage2] == [f"runs/by-hand/{name}" for name in VARIANTS]
+    for argv, (flags, _) in zip(stage2, VARIANTS.values()):
+        assert argv[:3] == ["python", "train_stage2.py", "--out"]
+        assert argv[4:] == [f.format(cia=cia) for f in flags], argv
+    compare = shlex.split(lines[-1])
+    assert compare[:3] == ["python", "evaluate.py", "--compare"]
+    assert compare[3:7] == [f"runs/by-hand/{name}/stage2/latest.pt" for name in VARIANTS]
 
 
 def adapt(command, world, port):
