@@ -200,7 +200,8 @@ def main(argv=None):
         text = batch["text_feat"].to(env.device).expand(len(views), -1, -1)      # (V, B, 1280)
         has_text = (batch["has_text"] & batch["valid"]).to(env.device)           # (B,)
         mask = has_text.expand(len(views), -1)                                   # (V, B)
-        # L = sum_v CLIP(CIA(I_v), T): each view's adapted feature against the shape's text
+        # the loss sums, over the views, the contrastive term of each view's adapted feature
+        # against the shape's text
         res = contrastive_loss(train_model(views), text, model.logit_scale.exp(), mask)
         res.loss.backward()
         optimizer.step()

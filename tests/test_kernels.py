@@ -75,7 +75,7 @@ def check_interpret():
     g = torch.Generator().manual_seed(0)
 
     # ---- farthest point sampling: random clouds, exact duplicates, a lattice (equal distances),
-    # S = N
+    # and as many centres as points
     lattice = torch.stack(torch.meshgrid(*[torch.arange(8.0) / 8] * 3, indexing="ij"),
                           -1).view(1, 512, 3)
     fps_cases = [(_cloud(g, 2, 2000), 64), (_cloud(g, 2, 1000), 48),
